@@ -1,0 +1,1 @@
+"""mtpeft: multi-task parameter-efficient fine-tuning."""
