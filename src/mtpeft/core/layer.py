@@ -1,0 +1,152 @@
+"""The adapted-layer contract every method plugs into.
+
+An :class:`AdaptedLayer` wraps one frozen linear layer (``torch.nn.Linear`` or transformers' GPT-2
+``Conv1D``) and adds a method's update to its output::
+
+    y = base_layer(x) + delta(x)          delta computed by the method in the adapter dtype
+
+A method subclass implements:
+    ``create_parameters(factory)``  build its (stacked) parameters with ``torch.empty(..., **factory)``;
+                                   it must not read the base weight (meta-device construction works).
+    ``reset_parameters()``         initialise them (called after construction off the meta device).
+    ``adapter_forward(x, route)``  the update for input rows x (adapter dtype), shape (..., out_features).
+    ``parameter_roles``            param name -> "shared" | "expert" | "router" | "task".
+Mergeable (task-routed) methods also implement ``lora_factors(task)`` -> (A (r, d_in), B (d_out, r))
+with the scale folded into B; merge, unmerge and PEFT export are then generic.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .context import Route, RoutingState
+
+try:  # transformers' GPT-2 style Conv1D: y = x @ W + b with W of shape (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+_NOT_MERGED = object()
+
+
+def base_layer_shape(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a supported base layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if Conv1D and isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out, True
+    raise TypeError(
+        f"cannot adapt a {type(layer).__name__}: mtpeft adapts torch.nn.Linear and transformers' Conv1D."
+    )
+
+
+def resolve_dtype(adapter_dtype: str, base_weight: torch.Tensor) -> torch.dtype:
+    if adapter_dtype == "base":
+        return base_weight.dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[adapter_dtype]
+
+
+class AdaptedLayer(nn.Module):
+    config_class: ClassVar[type] = None  # set by register_method
+    mergeable: ClassVar[bool] = False
+    parameter_roles: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base_layer: nn.Module, config, *, module_name: str, routing: RoutingState,
+                 layer_index: int = 0, n_layers: int = 1):
+        super().__init__()
+        self.in_features, self.out_features, self.fan_in_fan_out = base_layer_shape(base_layer)
+        self.base_layer = base_layer
+        self.config = config
+        self.module_name = module_name
+        # Position of this layer in the model's layer stack (for per-layer schedules such as MoSLD's).
+        self.layer_index, self.n_layers = layer_index, n_layers
+        object.__setattr__(self, "routing", routing)  # shared plain object, not a submodule
+        self.adapters_enabled = True
+        self.merged_task = _NOT_MERGED
+        weight = base_layer.weight
+        self.adapter_dtype = resolve_dtype(config.adapter_dtype, weight)
+        self.create_parameters(dict(device=weight.device, dtype=self.adapter_dtype))
+        if weight.device.type != "meta":
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ method hooks
+    def create_parameters(self, factory: dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement create_parameters")
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement reset_parameters")
+
+    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement adapter_forward")
+
+    def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError(
+            f"{self.config.method} cannot be merged or exported as a plain LoRA: its update depends on "
+            f"each token's hidden state through the router, so no fixed weight matrix represents it."
+        )
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def merged(self) -> bool:
+        return self.merged_task is not _NOT_MERGED
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.adapters_enabled:
+            return result
+        route = self.routing.route_for(x)
+        if self.merged:
+            self._check_merged_task(route)
+            return result
+        delta = self.adapter_forward(x.to(self.adapter_dtype), route)
+        # Add into the base output in place: the base Linear / Conv1D does not save its output for
+        # backward, so this saves one activation-sized allocation per adapted layer.
+        return result.add_(delta.to(result.dtype))
+
+    def _check_merged_task(self, route: Route) -> None:
+        task = self.merged_task
+        ids = route.row_task_ids
+        if task is None or ids is None:
+            return
+        if bool((ids != task).any()):
+            others = sorted(set(ids.tolist()) - {task})
+            raise ValueError(
+                f"the adapter is merged for task {task}, but the batch has task ids {others}. "
+                f"Call model.unmerge() first, or run only task {task} while merged."
+            )
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def delta_weight(self, task: int | None) -> torch.Tensor:
+        """ΔW in the base weight's layout ((d_out, d_in) for Linear, (d_in, d_out) for Conv1D), fp32."""
+        a, b = self.lora_factors(task)
+        delta = b.float() @ a.float()  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, task: int | None) -> None:
+        if self.merged:
+            if self.merged_task == task:
+                return  # merging the same task twice is a no-op
+            raise ValueError(
+                f"the adapter is already merged for task {self.merged_task}; call unmerge() before "
+                f"merging task {task}."
+            )
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight(task).to(weight.dtype))
+        self.merged_task = task
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight(self.merged_task).to(weight.dtype))
+        self.merged_task = _NOT_MERGED
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method}, in={self.in_features}, out={self.out_features}"

@@ -1,0 +1,63 @@
+"""Validation of the ``task_ids`` argument: one task per example, as a LongTensor of shape (batch,)."""
+
+from __future__ import annotations
+
+import torch
+
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features",
+               "decoder_input_ids")
+
+
+def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
+    for key in _BATCH_KEYS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def validate_task_ids(task_ids, batch_size: int | None, n_tasks: int | None, *, required: bool,
+                      method: str, allow_unknown: bool = False) -> torch.Tensor | None:
+    """Check and return task ids as a LongTensor, or raise an error that names the problem and the fix.
+
+    ``allow_unknown`` lets ids outside [0, n_tasks) through (methods with an "average" fallback).
+    """
+    if task_ids is None:
+        if required:
+            raise ValueError(
+                f"{method} routes each example by its task: pass task_ids=torch.tensor([...]) "
+                f"(LongTensor of shape (batch,), values in [0, {n_tasks})) to forward / generate."
+            )
+        return None
+    if not isinstance(task_ids, torch.Tensor):
+        raise TypeError(
+            f"task_ids must be a torch.LongTensor of shape (batch,), got {type(task_ids).__name__}; "
+            f"wrap it: torch.tensor(task_ids, dtype=torch.long)."
+        )
+    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise TypeError(
+            f"task_ids must hold integers (torch.long), got dtype {task_ids.dtype}; "
+            f"convert with task_ids.long() only if the values are whole task indices."
+        )
+    if task_ids.dim() != 1:
+        raise ValueError(
+            f"task_ids must have shape (batch,), one task per example; got shape {tuple(task_ids.shape)}."
+        )
+    if batch_size is not None and task_ids.shape[0] != batch_size:
+        raise ValueError(
+            f"task_ids has {task_ids.shape[0]} entries but the batch has {batch_size} examples; "
+            f"pass exactly one task id per example."
+        )
+    task_ids = task_ids.long()
+    if n_tasks is not None and not allow_unknown and task_ids.numel():
+        low, high = int(task_ids.min()), int(task_ids.max())
+        if low < 0 or high >= n_tasks:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"task id {bad} is out of range: this adapter was built for n_tasks={n_tasks}, so ids "
+                f"must be in [0, {n_tasks - 1}]."
+            )
+    return task_ids

@@ -1,0 +1,174 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Writing is atomic (temp file in the same folder, then ``os.replace``), so a crash mid-save leaves
+the previous files intact. Loading is strict and never unpickles: the config must name a known
+method with known fields, and the tensors must match the model's adapter keys and shapes exactly.
+On any error the base model is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import AdapterConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that does not fit the model, or is not a valid mtpeft adapter."""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    # clone: safetensors refuses views and shared storage
+    data = save({k: v.detach().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+
+
+def save_adapter(model, path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"mtpeft_version": _version(), **model.config.to_dict()}
+    atomic_save_safetensors(model.adapter_state_dict(), path / WEIGHTS_NAME,
+                            metadata={"format": "pt", "mtpeft_method": model.config.method})
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_adapter_config(path) -> AdapterConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not a folder; pass the folder that save_pretrained wrote.")
+    config_file = path / CONFIG_NAME
+    if not config_file.exists():
+        raise AdapterFileError(f"{path} has no {CONFIG_NAME}; is it an mtpeft adapter folder?")
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_file} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict) or "method" not in data:
+        if isinstance(data, dict) and data.get("peft_type"):
+            raise AdapterFileError(
+                f"{path} is a PEFT adapter (peft_type={data['peft_type']}), not an mtpeft one; load it "
+                f"with peft.PeftModel.from_pretrained.")
+        raise AdapterFileError(f"{config_file} does not name a method; it was not written by mtpeft.")
+    try:
+        return AdapterConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{config_file}: {err}") from None
+
+
+def read_adapter_tensors(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        pickled = [n for n in PICKLE_NAMES if (path / n).exists()]
+        if pickled:
+            raise AdapterFileError(
+                f"{path} holds {pickled[0]} (a pickle) but no {WEIGHTS_NAME}; mtpeft never unpickles "
+                f"(a pickle can run code). Convert it to safetensors from a trusted source first.")
+        raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}.")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(
+            f"{weights} is not a readable safetensors file ({err}); it may be truncated or corrupted. "
+            f"Save the adapter again.") from None
+
+
+def check_tensors_fit(model, tensors: dict[str, torch.Tensor], source) -> None:
+    expected = model.adapter_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise AdapterFileError(
+            f"{source} does not fit this model: {'; '.join(parts)}. Was it saved from another base model "
+            f"or with other target_modules?")
+    for key, value in tensors.items():
+        want = tuple(expected[key].shape)
+        if tuple(value.shape) != want:
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but this model expects {want}; "
+                f"the adapter was saved with another rank, expert or task count, or another base model.")
+
+
+@torch.no_grad()
+def copy_tensors_into(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        param = params[f"base_model.{key}"]
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def load_adapter(base_model, path, is_trainable: bool = False):
+    """Wrap ``base_model`` with the adapter saved in ``path``; strict, never unpickles."""
+    from .model import MultiTaskModel
+
+    config = read_adapter_config(path)
+    tensors = read_adapter_tensors(path)
+    flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    model = MultiTaskModel(base_model, config)
+    try:
+        check_tensors_fit(model, tensors, path)
+        copy_tensors_into(model, tensors)
+    except BaseException:
+        model.unload()  # leave the base model as it was given
+        for name, param in base_model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))
+        raise
+    if not is_trainable:
+        for name, param in model.named_parameters():
+            if model.parameter_role(name) is not None:
+                param.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_adapter_weights(model, path) -> None:
+    """Load a saved adapter into an already wrapped model whose config must equal the saved one."""
+    config = read_adapter_config(path)
+    mine, theirs = model.config.to_dict(), config.to_dict()
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: model={mine.get(k)!r} file={theirs.get(k)!r}" for k in differ)
+        raise AdapterFileError(f"{path} was saved with another adapter config ({detail}). Build the model "
+                               f"from the folder with MultiTaskModel.from_pretrained instead.")
+    tensors = read_adapter_tensors(path)
+    check_tensors_fit(model, tensors, path)
+    copy_tensors_into(model, tensors)

@@ -1,0 +1,69 @@
+"""Per-task LoRA: T independent LoRAs in one model; example i uses LoRA t_i.
+
+    Δy_i = s · B_{t_i} A_{t_i} drop(x_i),   s = α / r
+
+The "one adapter per task" baseline of every multi-task paper, trained on mixed-task batches (which
+PEFT supports only at inference). A and B are stacked over tasks, (T, r, d_in) and (T, d_out, r);
+a batch gathers each example's factors and runs two batched GEMMs, so the cost does not grow with
+the number of distinct tasks in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import register_method
+from ..core.context import Route
+from ..core.init import kaiming_uniform_
+from ..core.layer import AdaptedLayer
+from .lora import LoraConfig, make_dropout
+
+
+@dataclass
+class TaskLoraConfig(LoraConfig):
+    method = "task_lora"
+    task_routed = True
+
+
+def require_task_ids(route: Route, method: str) -> torch.Tensor:
+    if route.row_task_ids is None:
+        raise ValueError(
+            f"{method} routes by task: pass task_ids (a LongTensor of shape (batch,)) to the model's "
+            f"forward or generate."
+        )
+    return route.row_task_ids
+
+
+class TaskLoraLayer(AdaptedLayer):
+    mergeable = True
+    parameter_roles = {"lora_A": "task", "lora_B": "task"}
+
+    def create_parameters(self, factory: dict) -> None:
+        t, r = self.config.n_tasks, self.config.r
+        self.lora_A = nn.Parameter(torch.empty(t, r, self.in_features, **factory))  # (T, r, d_in)
+        self.lora_B = nn.Parameter(torch.empty(t, self.out_features, r, **factory))  # (T, d_out, r)
+        self.dropout = make_dropout(self.config.lora_dropout)
+        self.scaling = self.config.scaling
+
+    def reset_parameters(self) -> None:
+        kaiming_uniform_(self.lora_A, fan_in=self.in_features)
+        nn.init.zeros_(self.lora_B)
+
+    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        ids = require_task_ids(route, self.config.method).to(x.device)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, d_in)
+        a = self.lora_A[ids]  # (rows, r, d_in)
+        b = self.lora_B[ids]  # (rows, d_out, r)
+        z = torch.bmm(self.dropout(rows), a.transpose(1, 2)) * self.scaling  # (rows, tokens, r)
+        return torch.bmm(z, b.transpose(1, 2)).reshape(*x.shape[:-1], self.out_features)
+
+    def lora_factors(self, task: int | None):
+        if task is None:
+            raise ValueError("per-task LoRA holds one LoRA per task: pass task=t to merge or export.")
+        return self.lora_A[task], self.lora_B[task] * self.scaling
+
+
+register_method(TaskLoraConfig, TaskLoraLayer)

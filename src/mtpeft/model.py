@@ -1,0 +1,303 @@
+"""The model wrapper: inject a method's adapted layers into any torch / Hugging Face model.
+
+``get_model(model, config)`` replaces each targeted linear layer by the method's AdaptedLayer (the
+original layer lives on inside it, frozen) and returns a :class:`MultiTaskModel` that
+
+* takes ``task_ids`` in ``forward`` and ``generate`` and passes them to the layers through a
+  per-model routing context (the wrapped model's code and signature are untouched);
+* returns the auxiliary losses and router statistics the layers recorded during that forward, and
+  adds the weighted aux losses to ``output.loss``;
+* saves, loads, merges, unmerges and exports its adapters.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import methods as _methods  # noqa: F401  (registers the methods)
+from .config import AdapterConfig, get_layer_class
+from .core.context import RoutingState
+from .core.layer import AdaptedLayer
+from .core.targets import find_targets
+from .core.task_ids import infer_batch_size, validate_task_ids
+
+
+def get_model(model: nn.Module, config: AdapterConfig) -> "MultiTaskModel":
+    """Wrap ``model`` with the adapters ``config`` describes. The base model is frozen in place."""
+    return MultiTaskModel(model, config)
+
+
+def _layer_index(name: str) -> int:
+    """The first integer component of a module name ("encoder.layer.3.attention..." -> 3)."""
+    match = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(match.group(1)) if match else 0
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class _SignedForward:
+    """``MultiTaskModel.forward`` carrying the base model's signature (a plain object, so that
+    ``copy.deepcopy`` of the model rebinds it to the copy)."""
+
+    def __init__(self, model: "MultiTaskModel", signature: inspect.Signature):
+        self.model = model
+        self.__signature__ = signature
+        self.__doc__ = MultiTaskModel.forward.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return MultiTaskModel.forward(self.model, *args, **kwargs)
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, base_model: nn.Module, config: AdapterConfig):
+        super().__init__()
+        if isinstance(base_model, MultiTaskModel):
+            raise TypeError("this model is already wrapped by mtpeft; wrap the bare base model instead.")
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be an mtpeft method config (e.g. mtpeft.LoraConfig), got "
+                            f"{type(config).__name__}.")
+        self.base_model = base_model
+        self.config = config
+        self.routing = RoutingState()
+        self.last_aux_losses: dict[str, torch.Tensor] = {}
+        self.last_router_stats: dict[str, dict[str, torch.Tensor]] = {}
+        targets = find_targets(base_model, config.target_modules, config.exclude_modules,
+                               default_role=config.default_targets)
+        saved = self._resolve_modules_to_save(config.modules_to_save)
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        layer_cls = get_layer_class(config.method)
+        n_layers = max(_layer_index(n) for n in targets) + 1
+        self.adapted_names = targets
+        for name in targets:
+            base_layer = base_model.get_submodule(name)
+            layer = layer_cls(base_layer, config, module_name=name, routing=self.routing,
+                              layer_index=_layer_index(name), n_layers=n_layers)
+            _set_submodule(base_model, name, layer)
+        for name in saved:
+            for param in base_model.get_submodule(name).parameters():
+                param.requires_grad_(True)
+        self.saved_module_names = saved
+        self._expose_forward_signature()
+
+    def _resolve_modules_to_save(self, names) -> list[str]:
+        if not names:
+            return []
+        found = []
+        all_names = [n for n, _ in self.base_model.named_modules() if n]
+        for want in names:
+            hits = [n for n in all_names if n == want or n.endswith("." + want)]
+            if not hits:
+                raise ValueError(f"modules_to_save entry {want!r} matches no module of the model. "
+                                 f"Top-level modules: {[n for n in all_names if '.' not in n]}")
+            found.extend(h for h in hits if h not in found)
+        return found
+
+    def _expose_forward_signature(self) -> None:
+        """Give ``forward`` the base model's signature plus ``task_ids``.
+
+        The HF Trainer drops dataset columns that are not in ``model.forward``'s signature; with a
+        bare ``**kwargs`` it would drop ``input_ids``.
+        """
+        try:
+            base_sig = inspect.signature(self.base_model.forward)
+        except (TypeError, ValueError):
+            return
+        params = [p for p in base_sig.parameters.values() if p.name != "task_ids"]
+        task_param = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        var_kw = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+        params = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD] + [task_param] + var_kw
+        try:
+            signature = base_sig.replace(parameters=params)
+        except ValueError:
+            return
+        self.__dict__["forward"] = _SignedForward(self, signature)
+
+    # ------------------------------------------------------------------ attribute forwarding
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ layers
+    def adapted_layers(self) -> list[tuple[str, AdaptedLayer]]:
+        return [(n, self.base_model.get_submodule(n)) for n in self.adapted_names]
+
+    def _check_task_ids(self, task_ids, batch_size):
+        cfg = self.config
+        return validate_task_ids(
+            task_ids, batch_size, cfg.n_tasks,
+            required=cfg.task_routed and not self._merged_single_task(),
+            method=type(cfg).__name__,
+            allow_unknown=getattr(cfg, "unknown_task", "error") == "average",
+        )
+
+    def _merged_single_task(self) -> bool:
+        """True when every layer is merged: then the merged task needs no ids."""
+        layers = self.adapted_layers()
+        return bool(layers) and all(layer.merged for _, layer in layers)
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        """Call the wrapped model. ``task_ids``: LongTensor (batch,), one task per example."""
+        task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
+        with self.routing.scope(task_ids, kwargs.get("attention_mask"), record=True):
+            output = self.base_model(*args, **kwargs)
+        return self._attach_aux(output)
+
+    def _attach_aux(self, output):
+        aux = self.routing.summed_aux_losses()
+        self.last_aux_losses = aux
+        self.last_router_stats = self.routing.router_stats
+        if aux and isinstance(output, dict) and output.get("loss") is not None:
+            output["loss"] = output["loss"] + self.routing.weighted_aux_total(aux)
+        if isinstance(output, dict):
+            # Attribute only, not a dict key: the HF Trainer turns every output key but "loss" into
+            # logits during evaluation.
+            object.__setattr__(output, "aux_losses", aux)
+            object.__setattr__(output, "router_stats", self.routing.router_stats)
+        return output
+
+    def router_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per adapted module, the router statistics of the last forward (token-routed methods)."""
+        return self.last_router_stats
+
+    @torch.no_grad()
+    def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        """``base_model.generate`` with task ids; beams and multiple return sequences are handled."""
+        task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
+        with self.routing.scope(task_ids, None, record=False):
+            return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ parameters
+    def parameter_role(self, name: str) -> str | None:
+        """"shared" / "expert" / "router" / "task" / "saved" for adapter parameters, else None."""
+        for layer_name in self.adapted_names:
+            prefix = f"base_model.{layer_name}."
+            if name.startswith(prefix):
+                local = name[len(prefix):]
+                if local.startswith("base_layer."):
+                    return None
+                layer = self.base_model.get_submodule(layer_name)
+                return layer.parameter_roles.get(local.split(".")[0], "shared")
+        for saved in self.saved_module_names:
+            if name.startswith(f"base_model.{saved}."):
+                return "saved"
+        return None
+
+    def trainable_parameter_breakdown(self) -> dict[str, int]:
+        counts: Counter = Counter()
+        for name, param in self.named_parameters():
+            role = self.parameter_role(name)
+            if role is not None:
+                counts[role] += param.numel()
+        return dict(counts)
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        parts = ", ".join(f"{role}: {n:,}" for role, n in sorted(self.trainable_parameter_breakdown().items()))
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f} || {parts}")
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter (and modules_to_save) tensors, keyed by base-model module path."""
+        state = {}
+        for name, param in self.named_parameters():
+            if self.parameter_role(name) is not None:
+                state[name[len("base_model."):]] = param.detach()
+        return state
+
+    # ------------------------------------------------------------------ enable / disable, merge
+    @contextmanager
+    def disable_adapters(self):
+        """Run the bare base model inside this block (merged weights stay merged)."""
+        layers = [layer for _, layer in self.adapted_layers()]
+        previous = [layer.adapters_enabled for layer in layers]
+        for layer in layers:
+            layer.adapters_enabled = False
+        try:
+            yield self
+        finally:
+            for layer, was in zip(layers, previous):
+                layer.adapters_enabled = was
+
+    def merge(self, task: int | None = None) -> None:
+        """Fold the adapter (for ``task`` with task-routed methods) into the base weights."""
+        self._check_task_argument(task)
+        layers = [layer for _, layer in self.adapted_layers()]
+        if not layers[0].mergeable:
+            layers[0].lora_factors(task)  # raises the method's explanation
+        done = []
+        try:
+            for layer in layers:
+                layer.merge(task)
+                done.append(layer)
+        except Exception:
+            for layer in done:
+                layer.unmerge()
+            raise
+
+    def unmerge(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+
+    def _check_task_argument(self, task) -> None:
+        cfg = self.config
+        if cfg.task_routed:
+            if task is None:
+                raise ValueError(f"{type(cfg).__name__} has one adapter per task: pass task=t "
+                                 f"(0 <= t < {cfg.n_tasks}).")
+            if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < cfg.n_tasks:
+                raise ValueError(f"task={task!r} is not a task of this adapter: use an int in "
+                                 f"[0, {cfg.n_tasks - 1}].")
+        elif task is not None:
+            raise ValueError(f"{type(cfg).__name__} does not route by task; call merge() / export_lora() "
+                             f"without task.")
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, path) -> None:
+        from .io import save_adapter
+
+        save_adapter(self, path)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path, is_trainable: bool = False) -> "MultiTaskModel":
+        from .io import load_adapter
+
+        return load_adapter(base_model, path, is_trainable=is_trainable)
+
+    def export_lora(self, path, task: int | None = None) -> None:
+        """Write a plain PEFT LoRA folder for ``task`` (task-routed methods) that PEFT loads."""
+        from .export import export_peft_lora
+
+        self._check_task_argument(task)
+        export_peft_lora(self, path, task)
+
+    def unload(self) -> nn.Module:
+        """Put the original layers back and return the bare base model (adapters dropped)."""
+        for name, layer in self.adapted_layers():
+            layer.unmerge()
+            _set_submodule(self.base_model, name, layer.base_layer)
+        self.adapted_names = []
+        return self.base_model
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method}, adapted_layers={len(self.adapted_names)}"
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
