@@ -92,6 +92,15 @@ class AdaptedLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @property
+    def weight(self) -> torch.Tensor:
+        """The base weight: model code reads ``layer.weight`` (dtype checks, tied weights)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
     def merged(self) -> bool:
         return self.merged_task is not _NOT_MERGED
 
