@@ -1,0 +1,115 @@
+"""HydraLoRA (Tian et al., NeurIPS 2024, "HydraLoRA: An Asymmetric LoRA Architecture for Efficient
+Fine-Tuning"), the asymmetric-LoRA baseline.
+
+One A (r×d_in) shared by E heads B_e (d_out×r); a dense, bias-free softmax router on the token:
+
+    g = softmax(W_g x),     Δy = s · Σ_e g_e(x) · B_e A drop(x),     s = α / r
+
+A is computed once per token (a known performance bug elsewhere recomputes it per head): z = A drop(x)
+(N, r); the gates scale E broadcast copies of z (N, E·r); one GEMM with B_cat (E·r, d_out) (B stored
+input-major (E, r, d_out) so B_cat is a free view). ``reference_forward`` is the loop over heads.
+
+Choices between readings: the paper has no auxiliary loss; ``balance_weight`` (default 0) optionally
+adds a Switch balance loss "hydralora_balance" with each token's largest gate as its routed head.
+The router is initialised like torch's nn.Linear (U(±1/√d_in)), A kaiming-uniform, B zeros. Router
+statistics count each token's largest gate as its routed head (the router is dense). Defaults (not
+fixed by the spec): E=4 heads, r=8, α=16, dropout 0.05 on x, targets q and v like LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
+from ..core.context import Route
+from ..core.init import kaiming_uniform_
+from ..core.routing import TokenRoutedLayer, argmax_selected, gate_shared_block, router_probs, switch_balance_loss
+from .lora import make_dropout
+
+
+@dataclass
+class HydraLoraConfig(AdapterConfig):
+    method = "hydralora"
+
+    n_experts: int = field_help("number of B heads E", 4)
+    r: int = field_help("rank of the shared A and of every B_e", 8)
+    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r", 16)
+    lora_dropout: float = field_help("dropout on the adapter input x", 0.05)
+    balance_weight: float = field_help(
+        "weight of an optional Switch balance loss 'hydralora_balance' (0: off, as in the paper)", 0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        check_positive_int(name, "n_experts", self.n_experts)
+        check_positive_int(name, "r", self.r)
+        check_probability(name, "lora_dropout", self.lora_dropout)
+        if self.balance_weight < 0:
+            raise ValueError(f"{name}.balance_weight must be >= 0, got {self.balance_weight!r}.")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {"hydralora_balance": self.balance_weight} if self.balance_weight > 0 else {}
+
+    def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
+        """Closed form: r·d_in + E·r·d_out + E·d_in (shared A, heads, router)."""
+        e = self.n_experts
+        return self.r * d_in + e * self.r * d_out + e * d_in
+
+
+class HydraLoraLayer(TokenRoutedLayer):
+    parameter_roles = {"lora_A": "shared", "lora_B": "expert", "router": "router"}
+
+    def create_parameters(self, factory: dict) -> None:
+        cfg = self.config
+        e, r = cfg.n_experts, cfg.r
+        self.n_experts, self.r = e, r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, d_in), shared
+        self.lora_B = nn.Parameter(torch.empty(e, r, self.out_features, **factory))  # (E, r, d_out)
+        self.router = nn.Parameter(torch.empty(e, self.in_features, **factory))  # (E, d_in)
+        self.dropout = make_dropout(cfg.lora_dropout)
+        self.scaling = cfg.scaling
+
+    def reset_parameters(self) -> None:
+        kaiming_uniform_(self.lora_A, fan_in=self.in_features)
+        nn.init.zeros_(self.lora_B)
+        kaiming_uniform_(self.router, fan_in=self.in_features)
+
+    # ------------------------------------------------------------------ fast path
+    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
+        e, r = self.n_experts, self.r
+        z = self.dropout(x2d) @ self.lora_A.T  # (N, r): A once per token
+        probs = router_probs(x2d, self.router)  # (N, E) fp32, dense
+        out = gate_shared_block(z, probs, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
+        need_selected = route.record or (self._wants_aux() and self.config.balance_weight > 0)
+        selected = argmax_selected(probs) if need_selected else None
+        if self._wants_aux() and self.config.balance_weight > 0:
+            self._record_aux("hydralora_balance", switch_balance_loss(probs, selected, 1, weight),
+                             self.config.balance_weight)
+        if route.record:
+            self._record_stats(route, lead, probs, probs, selected, 1, weight)
+        return out.view(*lead, self.out_features)
+
+    # ------------------------------------------------------------------ reference
+    def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        """Plain loop over heads (the definition), for tests. Draws the same dropout mask first."""
+        xd = self.dropout(x)
+        probs = torch.softmax((x @ self.router.T).float(), dim=-1)  # (..., E)
+        out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for e in range(self.n_experts):
+            head = (xd @ self.lora_A.T) @ self.lora_B[e]  # B_e A drop(x)
+            out = out + probs[..., e:e + 1].to(x.dtype) * self.scaling * head
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, heads={self.n_experts}, r={self.r}"
+
+
+register_method(HydraLoraConfig, HydraLoraLayer)

@@ -1,0 +1,219 @@
+"""MoELoRA (Luo et al., 2024, "MoELoRA: Contrastive Learning Guided Mixture of Experts on
+Parameter-Efficient Fine-Tuning for Large Language Models", arXiv:2402.12851).
+
+E LoRA experts, each its own A_e (r_e×d_in) and B_e (d_out×r_e), a bias-free softmax router on the
+token's hidden state, top-k with the kept weights renormalised to sum 1:
+
+    g(x) = renorm_topk(softmax(W_g x)),     Δy = Σ_{e∈topk(x)} g_e(x) · s · B_e A_e drop(x),   s = α / r_e
+
+Fast path (two GEMMs whatever E and k): A is stored stacked (E, r_e, d_in), i.e. A_cat (E·r_e, d_in);
+B stacked input-major (E, r_e, d_out), i.e. B_cat (E·r_e, d_out) as a free view:
+
+    z = drop(x) · A_catᵀ  (N, E·r_e)  →  z_e ← s·g_e·z_e  (dense masked gates, 0 off the top-k)  →  z · B_cat
+
+Unselected experts are multiplied by a zero gate rather than skipped (cheaper than a gather for the
+small ranks used here; exactly the same result). ``reference_forward`` is the plain loop over experts.
+
+Aux losses, summed over adapted modules by the wrapper:
+  * "moelora_balance" (weight λ_lb = 0.01): Switch load balance E·Σ_e f_e·P_e over non-padding tokens.
+  * "moelora_contrastive" (weight λ_cl = 0.1): the paper's expert contrastive loss. Form chosen here
+    (the spec's reading): expert outputs o_{t,e} = B_e A_e drop(x_t) (no gate, no scale: they are
+    L2-normalised), on at most ``contrastive_sample_size`` (512) sampled (token, expert) pairs of
+    non-padding tokens; for an anchor (t, e) the positives are the sampled outputs of the same expert
+    e on other tokens, every other sampled pair is in the denominator (supervised-contrastive
+    "L_out" form, Khosla et al. 2020), negatives are therefore the outputs of the other experts,
+    including on the same token:
+
+        L = mean_{anchors i with ≥1 positive}  −1/|P(i)| Σ_{p∈P(i)} log( exp(u_i·u_p/τ) / Σ_{a≠i} exp(u_i·u_a/τ) )
+
+    with u = o/‖o‖ and τ = 0.1. Choices between readings: pairs are sampled uniformly among all
+    (non-padding token, expert) pairs (``contrastive_pairs="all"``, the spec's wording), or among
+    the routed (top-k) pairs only (``"routed"``); the loss is computed in fp32; it reaches A and B,
+    not the router. At init B = 0, so every o is 0 and the loss is the constant log(M−1) with zero
+    gradient; the cosine form then has gradients ∝ 1/‖o‖ while B is tiny, which Adam-style
+    optimisers absorb (plain SGD would need a smaller λ_cl early on).
+Aux losses are built in training mode only (eval losses stay the task loss).
+
+Other choices: the router is initialised like torch's nn.Linear (kaiming-uniform, U(±1/√d_in)), so
+ties between experts are broken from the first step; A_e kaiming-uniform per expert, B_e zeros.
+Defaults: E=8, top-2, r_e=4 (E·r_e = 32, the equal-budget LoRA-32 setting), α = 2·r_e = 8,
+dropout 0.05, targets the attention q and v projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, check_choice, check_positive_int, check_probability, field_help, register_method
+from ..core.context import Route
+from ..core.init import kaiming_uniform_
+from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, router_probs, switch_balance_loss,
+                            top_k_gates)
+from .lora import make_dropout
+
+
+@dataclass
+class MoELoraConfig(AdapterConfig):
+    method = "moelora"
+
+    n_experts: int = field_help("number of LoRA experts E per adapted layer", 8)
+    top_k: int = field_help("experts per token; the kept router weights are renormalised to sum 1", 2)
+    r: int = field_help("rank r_e of each expert (equal budget with LoRA-r: E·r_e = r)", 4)
+    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r (the paper: α = 2·r_e)", 8)
+    lora_dropout: float = field_help("dropout on the adapter input x (one mask shared by all experts)", 0.05)
+    balance_weight: float = field_help("λ_lb of the Switch load-balance loss 'moelora_balance'", 0.01)
+    contrastive_weight: float = field_help("λ_cl of the expert contrastive loss 'moelora_contrastive'", 0.1)
+    contrastive_temperature: float = field_help("temperature τ of the contrastive loss", 0.1)
+    contrastive_sample_size: int = field_help(
+        "at most this many (token, expert) pairs per module enter the O(n²) contrastive loss", 512)
+    contrastive_pairs: str = field_help(
+        "which (token, expert) pairs are sampled: 'all' non-padding pairs, or only 'routed' (top-k) ones",
+        "all")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        for f in ("n_experts", "top_k", "r", "contrastive_sample_size"):
+            check_positive_int(name, f, getattr(self, f))
+        if self.top_k > self.n_experts:
+            raise ValueError(f"{name}.top_k={self.top_k} exceeds n_experts={self.n_experts}.")
+        check_probability(name, "lora_dropout", self.lora_dropout)
+        for f in ("balance_weight", "contrastive_weight"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{name}.{f} must be >= 0, got {getattr(self, f)!r}.")
+        if not self.contrastive_temperature > 0:
+            raise ValueError(f"{name}.contrastive_temperature must be > 0, got {self.contrastive_temperature!r}.")
+        check_choice(name, "contrastive_pairs", self.contrastive_pairs, ("all", "routed"))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {"moelora_balance": self.balance_weight, "moelora_contrastive": self.contrastive_weight}
+
+    def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
+        """Closed form: E·r_e·(d_in + d_out) + E·d_in (experts + router)."""
+        return self.n_experts * self.r * (d_in + d_out) + self.n_experts * d_in
+
+
+def sample_pairs(n_tokens: int, n_experts: int, size: int, valid: torch.Tensor | None,
+                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``size`` distinct (token, expert) pairs drawn uniformly among the valid ones, without a sync.
+
+    Args:
+        valid: (N, E) bool of eligible pairs, or None for all.
+    Returns:
+        token (M,), expert (M,), ok (M,) bool — M = min(size, N·E); pairs beyond the number of valid
+        ones come back with ok=False and must be ignored.
+    """
+    total = n_tokens * n_experts
+    m = min(size, total)
+    scores = torch.rand(total, device=device)  # in [0, 1)
+    if valid is not None:
+        scores = scores.masked_fill(~valid.reshape(-1), -1.0)
+    top, index = scores.topk(m)
+    return index // n_experts, index % n_experts, top >= 0
+
+
+def expert_contrastive_loss(outputs: torch.Tensor, experts: torch.Tensor, ok: torch.Tensor,
+                            temperature: float) -> torch.Tensor:
+    """Supervised-contrastive InfoNCE over expert outputs (see the module docstring).
+
+    Args:
+        outputs: (M, d) expert outputs o; experts: (M,) expert of each; ok: (M,) bool, pairs to use.
+    Returns:
+        scalar: mean over valid anchors with at least one positive (0 when there is none).
+    Pairs are distinct (token, expert) pairs, so "same expert" already implies "another token".
+    """
+    u = F.normalize(outputs.float(), dim=-1)  # (M, d)
+    sim = (u @ u.T) / temperature  # (M, M)
+    m = sim.shape[0]
+    eye = torch.eye(m, dtype=torch.bool, device=sim.device)
+    candidate = ok[None, :] & ok[:, None] & ~eye  # (anchor i, other j)
+    positive = candidate & (experts[None, :] == experts[:, None])
+    # A large finite fill (not -inf): rows without candidates stay finite and carry zero weight.
+    logits = sim.masked_fill(~candidate, -1e9)
+    log_prob = sim - torch.logsumexp(logits, dim=1, keepdim=True)
+    n_pos = positive.sum(1)
+    per_anchor = -(log_prob * positive).sum(1) / n_pos.clamp_min(1)
+    has = (n_pos > 0).float()
+    return (per_anchor * has).sum() / has.sum().clamp_min(1.0)
+
+
+class MoELoraLayer(TokenRoutedLayer):
+    parameter_roles = {"lora_A": "expert", "lora_B": "expert", "router": "router"}
+
+    def create_parameters(self, factory: dict) -> None:
+        cfg = self.config
+        e, r = cfg.n_experts, cfg.r
+        self.n_experts, self.top_k, self.r = e, cfg.top_k, r
+        self.lora_A = nn.Parameter(torch.empty(e, r, self.in_features, **factory))  # (E, r_e, d_in)
+        self.lora_B = nn.Parameter(torch.empty(e, r, self.out_features, **factory))  # (E, r_e, d_out)
+        self.router = nn.Parameter(torch.empty(e, self.in_features, **factory))  # (E, d_in)
+        self.dropout = make_dropout(cfg.lora_dropout)
+        self.scaling = cfg.scaling
+
+    def reset_parameters(self) -> None:
+        kaiming_uniform_(self.lora_A, fan_in=self.in_features)
+        nn.init.zeros_(self.lora_B)
+        kaiming_uniform_(self.router, fan_in=self.in_features)
+
+    # ------------------------------------------------------------------ fast path
+    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
+        n, e, r = x2d.shape[0], self.n_experts, self.r
+        probs = router_probs(x2d, self.router)  # (N, E) fp32
+        gates, selected = top_k_gates(probs, self.top_k)  # (N, E), (N, E) bool
+        z = self.dropout(x2d) @ self.lora_A.view(e * r, -1).T  # (N, E·r): one GEMM for every expert's A
+        zg = gate_expert_blocks(z, gates, self.scaling)  # (N, E·r)
+        out = zg @ self.lora_B.view(e * r, -1)  # (N, d_out): one GEMM for every expert's B
+        if self._wants_aux():
+            cfg = self.config
+            if cfg.balance_weight > 0:
+                self._record_aux("moelora_balance", switch_balance_loss(probs, selected, self.top_k, weight),
+                                 cfg.balance_weight)
+            if cfg.contrastive_weight > 0:
+                self._record_aux("moelora_contrastive", self._contrastive(z, selected, weight),
+                                 cfg.contrastive_weight)
+        self._record_stats(route, lead, probs, gates, selected, self.top_k, weight)
+        return out.view(*lead, self.out_features)
+
+    def _contrastive(self, z: torch.Tensor, selected: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """The contrastive loss on sampled pairs; o_{t,e} = z_{t,e} B_e computed as one GEMM with B_cat."""
+        cfg = self.config
+        n, e, r = z.shape[0], self.n_experts, self.r
+        valid = None if weight is None else (weight > 0)[:, None].expand(n, e)
+        if cfg.contrastive_pairs == "routed":
+            valid = selected if valid is None else valid & selected
+        token, expert, ok = sample_pairs(n, e, cfg.contrastive_sample_size, valid, z.device)
+        z_pairs = z.view(n, e, r)[token, expert]  # (M, r)
+        one_hot = F.one_hot(expert, e).to(z.dtype)  # (M, E)
+        blocks = (one_hot.unsqueeze(-1) * z_pairs.unsqueeze(1)).view(-1, e * r)  # (M, E·r), block e only
+        outputs = blocks @ self.lora_B.view(e * r, -1)  # (M, d_out) = z_{t,e} B_e
+        return expert_contrastive_loss(outputs, expert, ok, cfg.contrastive_temperature)
+
+    # ------------------------------------------------------------------ reference
+    def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        """Plain loop over experts (the definition), for tests. Draws the same dropout mask first."""
+        xd = self.dropout(x)
+        probs = torch.softmax((x @ self.router.T).float(), dim=-1)  # (..., E)
+        top_vals, top_idx = probs.topk(self.top_k, dim=-1)
+        denom = top_vals.sum(-1)  # (...,)
+        out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for e in range(self.n_experts):
+            chosen = (top_idx == e).any(-1)  # (...,)
+            g = torch.where(chosen, probs[..., e] / denom, torch.zeros_like(denom)).to(x.dtype)
+            expert = (xd @ self.lora_A[e].T) @ self.lora_B[e]  # B_e A_e drop(x): (..., d_out)
+            out = out + g.unsqueeze(-1) * self.scaling * expert
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.n_experts}, top_k={self.top_k}, r={self.r}"
+
+
+register_method(MoELoraConfig, MoELoraLayer)
