@@ -30,7 +30,26 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 SUPPORTED_BASE_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
-_NOT_MERGED = object()
+
+
+class _NotMerged:
+    """The "not merged" marker. A singleton that survives copy.deepcopy and pickle: with a bare
+    ``object()`` a deep-copied layer held a new object and reported itself merged."""
+
+    def __repr__(self) -> str:
+        return "<not merged>"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_NOT_MERGED"
+
+
+_NOT_MERGED = _NotMerged()
 
 
 def base_layer_shape(layer: nn.Module) -> tuple[int, int, bool]:
