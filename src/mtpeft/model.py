@@ -40,6 +40,13 @@ def _layer_index(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _accepts_argument(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -89,6 +96,9 @@ class MultiTaskModel(nn.Module):
             for param in base_model.get_submodule(name).parameters():
                 param.requires_grad_(True)
         self.saved_module_names = saved
+        # A base model that itself routes by task (e.g. one classification head per task) declares a
+        # task_ids parameter; it then receives the validated ids too.
+        self._base_takes_task_ids = _accepts_argument(base_model.forward, "task_ids")
         self._expose_forward_signature()
 
     def _resolve_modules_to_save(self, names) -> list[str]:
@@ -155,6 +165,8 @@ class MultiTaskModel(nn.Module):
     def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
         """Call the wrapped model. ``task_ids``: LongTensor (batch,), one task per example."""
         task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
+        if self._base_takes_task_ids:
+            kwargs["task_ids"] = task_ids
         with self.routing.scope(task_ids, kwargs.get("attention_mask"), record=True):
             output = self.base_model(*args, **kwargs)
         return self._attach_aux(output)
@@ -255,6 +267,12 @@ class MultiTaskModel(nn.Module):
     def unmerge(self) -> None:
         for _, layer in self.adapted_layers():
             layer.unmerge()
+
+    def add_tasks(self, n: int, train_only_routing: bool = False) -> None:
+        """Grow a task-routed adapter by ``n`` tasks (see :func:`mtpeft.tasks_api.add_tasks`)."""
+        from .tasks_api import add_tasks
+
+        add_tasks(self, n, train_only_routing=train_only_routing)
 
     def _check_task_argument(self, task) -> None:
         cfg = self.config

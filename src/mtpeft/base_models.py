@@ -1,0 +1,49 @@
+"""Build the base model and tokenizer a run config names: an encoder with one head per task, or a
+causal LM. Models come from local folders or the offline asset packages (see mtpeft.assets)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .assets import minilm_path, smollm2_path
+from .heads import MultiTaskEncoderClassifier
+
+NAMED_MODELS = {"minilm": minilm_path, "smollm2": smollm2_path}
+
+
+def model_folder(name: str) -> str:
+    return NAMED_MODELS[name]() if name in NAMED_MODELS else name
+
+
+def model_kind(name: str, kind: str | None) -> str:
+    if kind is not None:
+        return kind
+    if name == "smollm2":
+        return "causal"
+    if name == "minilm":
+        return "encoder"
+    config = AutoConfig.from_pretrained(model_folder(name))
+    archs = getattr(config, "architectures", None) or []
+    return "causal" if any("CausalLM" in a for a in archs) else "encoder"
+
+
+def build_base(name: str, kind: str, tasks, seed: int = 0):
+    """(model, tokenizer) for the run; ``tasks`` are loaded TaskData (heads need their label counts)."""
+    folder = model_folder(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if kind == "encoder":
+        not_classification = [t.name for t in tasks if t.kind != "classification"]
+        if not_classification:
+            raise ValueError(
+                f"tasks {not_classification} are not classification tasks; an encoder model scores classes "
+                f"with one head per task. Use a causal model (model.name=smollm2) for multiple-choice and "
+                f"free-text tasks.")
+        encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        torch.manual_seed(seed)  # the heads' init
+        model = MultiTaskEncoderClassifier(encoder, [t.num_labels for t in tasks], [t.name for t in tasks])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,123 @@
+"""Per-task evaluation: accuracy / macro-F1 for classification (encoder heads, or a causal LM scoring
+the label names), log-likelihood over the choices for multiple choice, exact match of the generated
+text for free-text tasks. Returns per-task scores and their average."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator
+from .routing_report import RoutingAccumulator
+
+
+def accuracy(gold: list[int], pred: list[int]) -> float:
+    return sum(int(g == p) for g, p in zip(gold, pred)) / max(len(gold), 1)
+
+
+def macro_f1(gold: list[int], pred: list[int]) -> float:
+    """Mean F1 over the classes that occur in gold or predictions (scikit-learn's macro average)."""
+    classes = sorted(set(gold) | set(pred))
+    scores = []
+    for c in classes:
+        tp = sum(1 for g, p in zip(gold, pred) if g == c and p == c)
+        fp = sum(1 for g, p in zip(gold, pred) if g != c and p == c)
+        fn = sum(1 for g, p in zip(gold, pred) if g == c and p != c)
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / max(len(scores), 1)
+
+
+def normalise_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .")
+
+
+def exact_match(references: list[list[str]], predictions: list[str]) -> float:
+    hits = [normalise_answer(p) in {normalise_answer(r) for r in refs} for refs, p in zip(references, predictions)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def _examples(task, split: str, limit: int | None, task_id: int) -> list[dict]:
+    rows = task.splits[split][:limit] if limit else task.splits[split]
+    return [{**r, "task_id": task_id} for r in rows]
+
+
+def _batches(rows: list, size: int):
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
+@torch.no_grad()
+def evaluate_encoder(model, tokenizer, tasks, *, split="test", batch_size=64, max_length=128, limit=None,
+                     routing: RoutingAccumulator | None = None) -> dict:
+    collate = EncoderClassificationCollator(tokenizer, max_length)
+    model.eval()
+    results = {}
+    for task_id, task in enumerate(tasks):
+        gold, pred = [], []
+        for rows in _batches(_examples(task, split, limit, task_id), batch_size):
+            batch = collate(rows)
+            labels = batch.pop("labels")
+            out = model(**batch)
+            if routing is not None:
+                routing.add(model)
+            pred += out.logits.argmax(-1).tolist()
+            gold += labels.tolist()
+        results[task.name] = _score(task, gold, pred)
+    return _with_average(results)
+
+
+def _score(task, gold, pred) -> dict:
+    metric = task.spec.metric
+    value = macro_f1(gold, pred) if metric == "macro_f1" else accuracy(gold, pred)
+    return {"metric": metric, "score": value, "accuracy": accuracy(gold, pred), "n": len(gold)}
+
+
+def _with_average(results: dict) -> dict:
+    scores = [r["score"] for r in results.values()]
+    return {"tasks": results, "average": sum(scores) / max(len(scores), 1)}
+
+
+@torch.no_grad()
+def choice_log_likelihoods(model, collate: CausalLMCollator, example: dict) -> torch.Tensor:
+    """Sum of the log-probabilities of each option's answer tokens given the prompt: (n_options,)."""
+    batch = collate.choice_batch(example)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()  # (options, seq, vocab)
+    logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+    target = labels[:, 1:]  # next-token targets, (options, seq-1)
+    mask = target != IGNORE_INDEX
+    picked = logprobs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (options, seq-1)
+    return (picked * mask).sum(-1)
+
+
+@torch.no_grad()
+def evaluate_causal(model, tokenizer, tasks, *, split="test", batch_size=16, max_length=256, limit=None,
+                    max_new_tokens=16, routing: RoutingAccumulator | None = None) -> dict:
+    collate = CausalLMCollator(tokenizer, max_length, tasks=tasks)
+    model.eval()
+    results = {}
+    for task_id, task in enumerate(tasks):
+        rows = _examples(task, split, limit, task_id)
+        if task.kind == "generation":
+            refs, preds = [], []
+            for chunk in _batches(rows, batch_size):
+                batch = collate.generation_batch(chunk)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=collate.pad_id)
+                new = out[:, batch["input_ids"].shape[1]:]
+                preds += tokenizer.batch_decode(new, skip_special_tokens=True)
+                refs += [r.get("references") or [r["target"]] for r in chunk]
+            score = exact_match(refs, preds)
+            results[task.name] = {"metric": "exact_match", "score": score, "n": len(rows)}
+        else:
+            gold, pred = [], []
+            for row in rows:
+                scores = choice_log_likelihoods(model, collate, row)
+                if routing is not None:
+                    routing.add(model)
+                pred.append(int(scores.argmax()))
+                gold.append(int(row["label"]))
+            results[task.name] = _score(task, gold, pred)
+    return _with_average(results)

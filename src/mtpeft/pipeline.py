@@ -1,0 +1,165 @@
+"""One multi-task run end to end: load the tasks, build the model, train with the HF Trainer, evaluate
+per task, write the run folder.
+
+Run folder::
+
+    config.yaml          the resolved run config (re-run or evaluate from it)
+    checkpoint-N/        Trainer checkpoints (adapter files + optimizer, scheduler, RNG, COMPLETE)
+    adapter/             the final adapter (adapter_config.json + adapter_model.safetensors)
+    metrics.json         per-task test scores, their average, parameter counts, time per step
+    log_history.json     the Trainer's log (loss, aux losses, learning rate per logging step)
+    routing.json         task x expert load (token-routed) or task x skill weights (task-routed)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from .base_models import build_base, model_kind
+from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
+from .data.collate import CausalLMCollator, EncoderClassificationCollator
+from .evaluate import evaluate_causal, evaluate_encoder
+from .io import atomic_write_bytes
+from .model import MultiTaskModel, get_model
+from .optim import parameter_groups
+from .routing_report import RoutingAccumulator, routing_summary
+from .run_config import RunConfig, adapter_config, load_run_config
+from .trainer import MultiTaskTrainer, complete_checkpoints, remove_incomplete_checkpoints
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def load_run_tasks(run: RunConfig):
+    specs = [task_from_dict(t) for t in run.data.tasks]
+    if not specs:
+        raise ValueError("data.tasks is empty: name at least one task (e.g. data.tasks=[bbc_news]).")
+    return load_tasks(specs, seed=run.data.seed, val_fraction=run.data.val_fraction,
+                      test_fraction=run.data.test_fraction)
+
+
+def build_model(run: RunConfig, tasks):
+    """(wrapped model, tokenizer, kind) for a run; the adapter is freshly initialised."""
+    kind = model_kind(run.model.name, run.model.kind)
+    base, tokenizer = build_base(run.model.name, kind, tasks, seed=run.train.seed)
+    if run.model.gradient_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable()
+    torch.manual_seed(run.train.seed)
+    config = adapter_config(run, len(tasks), ["heads"] if kind == "encoder" else None)
+    return get_model(base, config), tokenizer, kind
+
+
+def make_collator(kind: str, tokenizer, run: RunConfig, tasks):
+    if kind == "encoder":
+        return EncoderClassificationCollator(tokenizer, run.model.max_length)
+    return CausalLMCollator(tokenizer, run.model.max_length, tasks=tasks)
+
+
+def training_arguments(run: RunConfig, output_dir: Path) -> TrainingArguments:
+    t = run.train
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=t.steps, per_device_train_batch_size=t.batch_size,
+        learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * t.steps),
+        lr_scheduler_type="linear", logging_steps=t.logging_steps, save_strategy="steps",
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed,
+        report_to=[], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
+    )
+
+
+def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log=print) -> Path:
+    """Train (resuming from the newest complete checkpoint if any), evaluate, write the run folder."""
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    set_seed(run.train.seed)
+    tasks = load_run_tasks(run)
+    model, tokenizer, kind = build_model(run, tasks)
+    run.save(out / "config.yaml")
+    log(f"mtpeft: {run.method} on {run.model.name} ({kind}), tasks: "
+        + ", ".join(f"{t.name} ({len(t.train)} train)" for t in tasks))
+    model.print_trainable_parameters()
+
+    dataset = MultiTaskDataset({t.name: t.train for t in tasks})
+    sampler = MultiTaskSampler(dataset.sizes, temperature=run.data.temperature,
+                               num_samples=run.train.steps * run.train.batch_size, seed=run.data.seed)
+    groups = parameter_groups(model, lr=run.train.lr, routing_lr=run.train.routing_lr,
+                              weight_decay=run.train.weight_decay)
+    trainer = MultiTaskTrainer(model=model, args=training_arguments(run, out), train_dataset=dataset,
+                               data_collator=make_collator(kind, tokenizer, run, tasks),
+                               train_sampler=sampler, param_groups=groups)
+    remove_incomplete_checkpoints(out)
+    checkpoints = complete_checkpoints(out) if resume else []
+    if checkpoints:
+        log(f"mtpeft: resuming from {checkpoints[-1]}")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    seconds = time.perf_counter() - started
+    model.save_pretrained(out / "adapter")
+    write_json(out / "log_history.json", trainer.state.log_history)
+    steps_run = max(run.train.steps - (int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0), 1)
+    summary = {"method": run.method, "model": run.model.name, "train_loss": result.training_loss,
+               "seconds_per_step": seconds / steps_run,
+               "trainable_parameters": model.trainable_parameter_breakdown()}
+    if evaluate:
+        summary.update(evaluate_run_model(model, tokenizer, kind, tasks, run, out))
+        print_results(summary, log)
+    write_json(out / "metrics.json", summary)
+    return out
+
+
+def evaluate_run_model(model, tokenizer, kind, tasks, run: RunConfig, out: Path, split: str = "test") -> dict:
+    accumulator = RoutingAccumulator()
+    kwargs = dict(split=split, limit=run.data.max_eval_examples, max_length=run.model.max_length,
+                  routing=accumulator)
+    if kind == "encoder":
+        scores = evaluate_encoder(model, tokenizer, tasks, batch_size=run.train.eval_batch_size, **kwargs)
+    else:
+        scores = evaluate_causal(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4),
+                                 **kwargs)
+    routing = routing_summary(model, accumulator, [t.name for t in tasks])
+    if routing is not None:
+        write_json(out / "routing.json", routing)
+    return {"split": split, **scores}
+
+
+def load_run(run_dir) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
+    """The trained model of a run folder, ready to evaluate."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a folder written by `mtpeft train`.")
+    run = load_run_config(run_dir / "config.yaml")
+    tasks = load_run_tasks(run)
+    kind = model_kind(run.model.name, run.model.kind)
+    base, tokenizer = build_base(run.model.name, kind, tasks, seed=run.train.seed)
+    adapter = run_dir / "adapter"
+    if not adapter.exists():
+        checkpoints = complete_checkpoints(run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"{run_dir} has neither adapter/ nor a complete checkpoint.")
+        adapter = checkpoints[-1]
+    model = MultiTaskModel.from_pretrained(base, adapter)
+    return model, tokenizer, kind, tasks, run
+
+
+def eval_run(run_dir, split: str = "test", log=print) -> dict:
+    model, tokenizer, kind, tasks, run = load_run(run_dir)
+    scores = evaluate_run_model(model, tokenizer, kind, tasks, run, Path(run_dir), split)
+    print_results(scores, log)
+    write_json(Path(run_dir) / f"eval_{split}.json", scores)
+    return scores
+
+
+def print_results(summary: dict, log=print) -> None:
+    width = max(len(n) for n in summary["tasks"]) + 2
+    log(f"{'task'.ljust(width)}metric        score    n")
+    for name, r in summary["tasks"].items():
+        log(f"{name.ljust(width)}{r['metric'].ljust(12)}{r['score']:7.4f} {r['n']:4d}")
+    log(f"{'average'.ljust(width)}{'':12}{summary['average']:7.4f}")

@@ -1,0 +1,135 @@
+"""``mtpeft report``: report.md and PNG plots for one or more run folders, side by side.
+
+Plots: per-task scores (one bar group per task, one bar per run), training loss curves, and per run
+the task x expert load heatmap (token-routed methods) or task x skill weights (task-routed methods).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir / "metrics.json")
+    if metrics is None:
+        raise FileNotFoundError(f"{run_dir} has no metrics.json; run `mtpeft train` (with evaluation) first.")
+    if "tasks" not in metrics:
+        raise ValueError(f"{run_dir}/metrics.json has no per-task scores (trained with --no-eval?); run "
+                         f"`mtpeft eval {run_dir}` first.")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    return {"dir": run_dir, "label": _label(run_dir, metrics), "metrics": metrics, "config": config,
+            "log": _read_json(run_dir / "log_history.json") or [], "routing": _read_json(run_dir / "routing.json")}
+
+
+def _label(run_dir: Path, metrics: dict) -> str:
+    return f"{run_dir.name} ({metrics.get('method', '?')})"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def plot_scores(runs: list[dict], path: Path) -> None:
+    tasks = list(dict.fromkeys(t for r in runs for t in r["metrics"]["tasks"])) + ["average"]
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
+    for i, run in enumerate(runs):
+        scores = [run["metrics"]["tasks"].get(t, {}).get("score", np.nan) for t in tasks[:-1]]
+        scores.append(run["metrics"]["average"])
+        ax.bar(np.arange(len(tasks)) + i * width, scores, width, label=run["label"])
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(runs) - 1) / 2, tasks, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title("per-task test score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(runs: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        points = [(e["step"], e["loss"]) for e in run["log"] if "loss" in e and "step" in e]
+        if points:
+            ax.plot(*zip(*points), label=run["label"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (task + weighted aux)")
+    ax.set_title("loss curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_routing(run: dict, path: Path) -> None:
+    routing = run["routing"]
+    matrix = np.array(routing["matrix"])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * matrix.shape[1], 1.2 + 0.5 * matrix.shape[0]))
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), routing["cols"], rotation=30, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), routing["rows"])
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w", fontsize=7)
+    ax.set_title(f"{run['label']}\n{routing['title']}", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def score_table(runs: list[dict]) -> str:
+    tasks = list(dict.fromkeys(t for r in runs for t in r["metrics"]["tasks"]))
+    header = "| run | " + " | ".join(tasks) + " | average | trainable params | s/step |"
+    lines = [header, "|" + "---|" * (len(tasks) + 4)]
+    for run in runs:
+        m = run["metrics"]
+        cells = [f"{m['tasks'][t]['score']:.4f}" if t in m["tasks"] else "–" for t in tasks]
+        params = sum((m.get("trainable_parameters") or {}).values())
+        step = m.get("seconds_per_step")
+        lines.append(f"| {run['label']} | " + " | ".join(cells) + f" | {m['average']:.4f} | {params:,} | "
+                     + (f"{step:.3f}" if step else "–") + " |")
+    metrics = {t: r["metrics"]["tasks"][t]["metric"] for r in runs for t in r["metrics"]["tasks"]}
+    lines.append("")
+    lines.append("Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items()) + ".")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    """Write ``out/report.md`` and its PNGs; returns the report's path."""
+    runs = [read_run(d) for d in run_dirs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_scores(runs, out / "scores.png")
+    plot_losses(runs, out / "loss.png")
+    lines = ["# mtpeft report", "", "## Per-task test scores", "", score_table(runs), "",
+             "![scores](scores.png)", "", "## Training loss", "", "![loss](loss.png)", ""]
+    routed = [r for r in runs if r["routing"]]
+    if routed:
+        lines += ["## How tasks use the experts / skills", ""]
+        for run in routed:
+            name = f"routing_{_slug(run['dir'].name)}.png"
+            plot_routing(run, out / name)
+            lines += [f"### {run['label']}", "", run["routing"]["title"] + ".", "", f"![routing]({name})", ""]
+    lines += ["## Runs", ""]
+    for run in runs:
+        cfg = run["config"]
+        lines.append(f"- `{run['dir']}`: method `{cfg.get('method')}`, model `{(cfg.get('model') or {}).get('name')}`, "
+                     f"adapter {cfg.get('adapter') or {}}, {(cfg.get('train') or {}).get('steps')} steps")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
