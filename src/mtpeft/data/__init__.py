@@ -1,0 +1,56 @@
+"""Data layer of mtpeft: tasks (registry, loading, splits), BIG-bench access, task mixing, collators.
+
+Heavy modules (``datasets``, ``transformers``) are imported only when a function that needs them runs.
+"""
+
+from mtpeft.data.bigbench import (
+    UnknownBigBenchTaskError,
+    bigbench_task_names,
+    load_bigbench_examples,
+    prefetch_bigbench_tasks,
+    read_bigbench_task,
+)
+from mtpeft.data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator
+from mtpeft.data.mixing import MultiTaskDataset, MultiTaskSampler, mixing_weights
+from mtpeft.data.tasks import (
+    KINDS,
+    METRICS,
+    TaskData,
+    TaskDataError,
+    TaskSpec,
+    TaskSpecError,
+    UnknownTaskError,
+    get_task,
+    list_tasks,
+    load_task,
+    load_tasks,
+    register_task,
+    task_from_dict,
+)
+
+__all__ = [
+    "UnknownBigBenchTaskError",
+    "bigbench_task_names",
+    "load_bigbench_examples",
+    "prefetch_bigbench_tasks",
+    "read_bigbench_task",
+    "IGNORE_INDEX",
+    "CausalLMCollator",
+    "EncoderClassificationCollator",
+    "MultiTaskDataset",
+    "MultiTaskSampler",
+    "mixing_weights",
+    "KINDS",
+    "METRICS",
+    "TaskData",
+    "TaskDataError",
+    "TaskSpec",
+    "TaskSpecError",
+    "UnknownTaskError",
+    "get_task",
+    "list_tasks",
+    "load_task",
+    "load_tasks",
+    "register_task",
+    "task_from_dict",
+]
