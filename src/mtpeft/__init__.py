@@ -15,3 +15,6 @@ __all__ = [
     "AdapterConfig", "AdapterFileError", "LoraConfig", "MultiTaskModel", "TaskLoraConfig",
     "get_model", "known_methods", "register_method",
 ]
+from .methods import CPolyConfig, MTLLoraConfig, PolyConfig  # noqa: E402  (task-routed methods)
+from .optim import parameter_groups  # noqa: E402
+__all__ += ["CPolyConfig", "MTLLoraConfig", "PolyConfig", "parameter_groups"]

@@ -4,3 +4,7 @@ from .lora import LoraConfig, LoraLayer
 from .task_lora import TaskLoraConfig, TaskLoraLayer
 
 __all__ = ["LoraConfig", "LoraLayer", "TaskLoraConfig", "TaskLoraLayer"]
+from .mtl_lora import MTLLoraConfig, MTLLoraLayer  # noqa: E402  (task-routed methods)
+from .poly import PolyConfig, PolyLayer  # noqa: E402
+from .cpoly import CPolyConfig, CPolyLayer  # noqa: E402
+__all__ += ["MTLLoraConfig", "MTLLoraLayer", "PolyConfig", "PolyLayer", "CPolyConfig", "CPolyLayer"]

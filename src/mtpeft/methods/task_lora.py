@@ -19,6 +19,7 @@ from ..config import register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
+from ..tasks_api import grow_task_parameter
 from .lora import LoraConfig, make_dropout
 
 
@@ -51,6 +52,11 @@ class TaskLoraLayer(AdaptedLayer):
     def reset_parameters(self) -> None:
         kaiming_uniform_(self.lora_A, fan_in=self.in_features)
         nn.init.zeros_(self.lora_B)
+
+    def add_tasks(self, n: int) -> None:
+        """Append n fresh LoRAs (A kaiming, B zero), as at construction."""
+        grow_task_parameter(self, "lora_A", n, lambda a: kaiming_uniform_(a, fan_in=self.in_features))
+        grow_task_parameter(self, "lora_B", n, nn.init.zeros_)
 
     def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         ids = require_task_ids(route, self.config.method).to(x.device)

@@ -1,0 +1,113 @@
+"""Task-level helpers of the task-routed methods (per-task LoRA, MTL-LoRA, Poly / MHR, C-Poly).
+
+* :func:`group_by_task` turns a batch's per-row task ids into the distinct tasks present plus one
+  index per row, so a layer builds each task's effective weights once per batch (not per example)
+  and gathers them. With ``unknown_task="average"`` every id outside [0, n_tasks) maps to one extra
+  slot, ``n_tasks``, which the layer fills with its task-agnostic fallback.
+* :func:`add_tasks` grows a wrapped model by ``n`` tasks (``MultiTaskModel.add_tasks`` calls it):
+  every layer appends per-task rows initialised as at construction, and ``config.n_tasks`` grows.
+  With ``train_only_routing=True`` only the new tasks' routing logits train (MHR-z style [Caccia et
+  al. 2023]: adapt to a new task by learning only its routing over the frozen skills).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+UNKNOWN_TASK_CHOICES = ("error", "average")
+UNKNOWN_TASK_HELP = (
+    'what an id outside [0, n_tasks) means: "error" (default) rejects it; "average" accepts it '
+    "(e.g. -1 for an unseen task) and uses the method's task-agnostic fallback"
+)
+
+
+def group_by_task(ids: torch.Tensor, n_tasks: int, unknown_task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tasks (G,), inverse (rows,)): the distinct tasks of ``ids`` (sorted) and each row's index into them.
+
+    With ``unknown_task="average"`` ids outside [0, n_tasks) become the slot ``n_tasks`` ("unknown").
+    """
+    if unknown_task == "average":
+        known = (ids >= 0) & (ids < n_tasks)
+        ids = torch.where(known, ids, torch.full_like(ids, n_tasks))
+    tasks, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    if unknown_task != "average" and tasks.numel() and (int(tasks[0]) < 0 or int(tasks[-1]) >= n_tasks):
+        bad = int(tasks[0]) if int(tasks[0]) < 0 else int(tasks[-1])
+        raise ValueError(
+            f"task id {bad} is out of range: this layer has n_tasks={n_tasks}. Set unknown_task='average' "
+            f"in the config to accept unseen tasks."
+        )
+    return tasks, inverse
+
+
+@torch.no_grad()
+def grow_task_parameter(module: nn.Module, name: str, n: int,
+                        init: Callable[[torch.Tensor], object]) -> nn.Parameter:
+    """Replace ``module.<name>`` (task dimension first) by one with ``n`` more rows, set by ``init``.
+
+    The old rows are copied unchanged; ``init`` receives the new rows (a view) and fills them in
+    place. The parameter object is new, so an optimizer built before must be rebuilt.
+    """
+    old = getattr(module, name)
+    t = old.shape[0]
+    new = torch.empty((t + n, *old.shape[1:]), dtype=old.dtype, device=old.device)
+    new[:t] = old
+    init(new[t:])
+    param = nn.Parameter(new, requires_grad=old.requires_grad)
+    setattr(module, name, param)
+    return param
+
+
+def _zero_rows_hook(n_rows: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:n_rows] = 0
+        return grad
+
+    return hook
+
+
+def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
+    """Append ``n`` tasks to every adapted layer of ``model`` and to ``model.config.n_tasks``.
+
+    New per-task parameters are initialised as at construction (for example MTL-LoRA: Λ = I and
+    fresh logits; Poly: logits U(±1e-3); C-Poly: also fresh exclusive skills with B = 0; per-task
+    LoRA: a fresh LoRA with B = 0). Old tasks' outputs do not change.
+
+    ``train_only_routing=True`` freezes every adapter parameter (and modules_to_save) except the
+    routing logits, and masks the logits' gradient so that only the new tasks' rows change. Build
+    the optimizer after this call (the grown parameters are new objects), and keep weight decay off
+    the logits (as :func:`mtpeft.parameter_groups` does by default): AdamW decays parameters even
+    where the gradient is zero.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"add_tasks: n must be a positive integer, got {n!r}.")
+    cfg = model.config
+    layers = [layer for _, layer in model.adapted_layers()]
+    if not cfg.task_routed or not all(hasattr(layer, "add_tasks") for layer in layers):
+        raise TypeError(f"{type(cfg).__name__} has no per-task parameters: add_tasks applies to task-routed "
+                        f"methods (per-task LoRA, MTL-LoRA, Poly / MHR, C-Poly).")
+    if any(layer.merged for layer in layers):
+        raise ValueError("the adapter is merged; call model.unmerge() before add_tasks.")
+    if train_only_routing and not any(role == "router" for layer in layers
+                                      for role in layer.parameter_roles.values()):
+        raise ValueError(f"{type(cfg).__name__} has no routing logits, so train_only_routing=True would "
+                         f"train nothing; call add_tasks(n) and train the new tasks' parameters.")
+    n_old = cfg.n_tasks
+    for handle in model.__dict__.pop("_routing_only_hooks", []):
+        handle.remove()
+    for layer in layers:
+        layer.add_tasks(n)
+    cfg.n_tasks = n_old + n
+    if train_only_routing:
+        handles = []
+        for name, param in model.named_parameters():
+            role = model.parameter_role(name)
+            if role is None:
+                continue
+            param.requires_grad_(role == "router")
+            if role == "router":
+                handles.append(param.register_hook(_zero_rows_hook(n_old)))
+        model.__dict__["_routing_only_hooks"] = handles
