@@ -73,7 +73,8 @@ def training_arguments(run: RunConfig, output_dir: Path) -> TrainingArguments:
     )
 
 
-def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log=print) -> Path:
+def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log=print,
+              callbacks=None) -> Path:
     """Train (resuming from the newest complete checkpoint if any), evaluate, write the run folder."""
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
                               weight_decay=run.train.weight_decay)
     trainer = MultiTaskTrainer(model=model, args=training_arguments(run, out), train_dataset=dataset,
                                data_collator=make_collator(kind, tokenizer, run, tasks),
-                               train_sampler=sampler, param_groups=groups)
+                               train_sampler=sampler, param_groups=groups, callbacks=callbacks)
     remove_incomplete_checkpoints(out)
     checkpoints = complete_checkpoints(out) if resume else []
     if checkpoints:
