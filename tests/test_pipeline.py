@@ -112,3 +112,18 @@ def test_cli_end_to_end(tmp_path):
     assert result.returncode == 2 and "Did you mean 'steps'" in result.stderr
     result = mtpeft_cli("export", run, "--task", "nope", "--out", tmp_path / "x", cwd=tmp_path)
     assert result.returncode != 0 and "unknown task 'nope'" in result.stderr
+
+
+def test_every_shipped_config_parses_and_builds_its_adapter_config():
+    from pathlib import Path
+
+    from mtpeft.run_config import adapter_config
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 10
+    methods = set()
+    for path in configs:
+        run = load_run_config(path)
+        methods.add(run.method)
+        assert adapter_config(run, n_tasks=3, modules_to_save=["heads"]).n_tasks == 3
+    assert methods >= {"lora", "task_lora", "teamlora", "moelora", "mosld", "hydralora", "mtl_lora", "poly", "cpoly"}

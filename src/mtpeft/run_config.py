@@ -25,7 +25,7 @@ class ModelSection:
 
     name: str = "minilm"
     kind: str | None = None
-    max_length: int = 128
+    max_length: int = 96
     gradient_checkpointing: bool = False
 
 
@@ -43,10 +43,10 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     eval_batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     routing_lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
