@@ -60,13 +60,17 @@ def grow_task_parameter(module: nn.Module, name: str, n: int,
     return param
 
 
-def _zero_rows_hook(n_rows: int):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:n_rows] = 0
-        return grad
+def routing_table(layer: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (task dimension first) with the rows of the tasks frozen by
+    ``add_tasks(..., train_only_routing=True)`` detached, so only the new tasks' rows get gradients.
 
-    return hook
+    The mask lives on the layer as a plain int (``frozen_task_rows``), not as a tensor hook, so it
+    survives ``copy.deepcopy`` and needs no hook bookkeeping.
+    """
+    n = getattr(layer, "frozen_task_rows", None)
+    if not n:
+        return logits
+    return torch.cat([logits[:n].detach(), logits[n:]])
 
 
 def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
@@ -77,10 +81,15 @@ def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
     LoRA: a fresh LoRA with B = 0). Old tasks' outputs do not change.
 
     ``train_only_routing=True`` freezes every adapter parameter (and modules_to_save) except the
-    routing logits, and masks the logits' gradient so that only the new tasks' rows change. Build
-    the optimizer after this call (the grown parameters are new objects), and keep weight decay off
-    the logits (as :func:`mtpeft.parameter_groups` does by default): AdamW decays parameters even
-    where the gradient is zero.
+    routing logits, and detaches the old tasks' rows of the logits in the layers' forward
+    (:func:`routing_table`), so only the new tasks' rows get gradients. The new tasks' other
+    per-task parameters stay at their init (MTL-LoRA: Λ = I; C-Poly: the fresh exclusive skills).
+    This is a training-time setting: it is not saved, and a later ``add_tasks(..., False)`` lifts
+    the row mask (``requires_grad`` flags are left as they are).
+
+    Build the optimizer after this call (the grown parameters are new objects), and keep weight
+    decay off the logits (as :func:`mtpeft.parameter_groups` does by default): AdamW decays
+    parameters even where the gradient is zero.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"add_tasks: n must be a positive integer, got {n!r}.")
@@ -96,18 +105,12 @@ def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
         raise ValueError(f"{type(cfg).__name__} has no routing logits, so train_only_routing=True would "
                          f"train nothing; call add_tasks(n) and train the new tasks' parameters.")
     n_old = cfg.n_tasks
-    for handle in model.__dict__.pop("_routing_only_hooks", []):
-        handle.remove()
     for layer in layers:
         layer.add_tasks(n)
+        layer.frozen_task_rows = n_old if train_only_routing else None
     cfg.n_tasks = n_old + n
     if train_only_routing:
-        handles = []
         for name, param in model.named_parameters():
             role = model.parameter_role(name)
-            if role is None:
-                continue
-            param.requires_grad_(role == "router")
-            if role == "router":
-                handles.append(param.register_hook(_zero_rows_hook(n_old)))
-        model.__dict__["_routing_only_hooks"] = handles
+            if role is not None:
+                param.requires_grad_(role == "router")

@@ -146,3 +146,18 @@ def test_save_load_and_export_after_growing(variant, tmp_path):
         assert torch.equal(want, out(loaded(**b, task_ids=ids)))
         loaded.merge(task=4)
         assert (out(loaded(**b))[0] - want[0]).abs().max() < 1e-5
+
+
+def test_routing_only_mask_survives_deepcopy():
+    """The row mask is a plain layer attribute, so a deep copy keeps training only the new rows."""
+    import copy
+
+    model, b, _ = grown("poly", n=1, train_only_routing=True)
+    clone = copy.deepcopy(model)
+    clone.train()
+    clone(**b, labels=b["input_ids"], task_ids=torch.tensor([N_TASKS, 0, N_TASKS, 1])).loss.backward()
+    for name, p in clone.named_parameters():
+        if p.grad is not None:
+            assert p.grad[:N_TASKS].abs().sum() == 0 and p.grad[N_TASKS:].abs().sum() > 0, name
+    clone.add_tasks(1)  # a later add_tasks without train_only_routing lifts the row mask
+    assert all(layer.frozen_task_rows is None for _, layer in clone.adapted_layers())

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import field_help, register_method
 from ..core.init import kaiming_uniform_
-from ..tasks_api import grow_task_parameter
+from ..tasks_api import grow_task_parameter, routing_table
 from .poly import LOGIT_INIT, PolyConfig, PolyLayer, normalised_skill_weights
 
 
@@ -101,7 +101,8 @@ class CPolyLayer(PolyLayer):
         if e == 1:
             w = torch.ones(tasks.shape[0], h, 1, device=tasks.device)
         else:
-            logits = self.exclusive_logits.float()[tasks.clamp(max=n_tasks - 1)].view(-1, h, e)
+            table = routing_table(self, self.exclusive_logits).float()  # (T, h·E)
+            logits = table[tasks.clamp(max=n_tasks - 1)].view(-1, h, e)
             w = normalised_skill_weights(logits, sample)
         if cfg.unknown_task == "average":
             w = w * (tasks < n_tasks).to(w.dtype)[:, None, None]

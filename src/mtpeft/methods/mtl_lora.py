@@ -41,7 +41,8 @@ from ..config import (AdapterConfig, check_choice, check_positive_int, check_pro
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
-from ..tasks_api import UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter
+from ..tasks_api import (UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter,
+                         routing_table)
 from .lora import make_dropout
 from .task_lora import require_task_ids
 
@@ -127,7 +128,8 @@ class MTLLoraLayer(AdaptedLayer):
     # ------------------------------------------------------------------ per-task weights
     def mixing_weights(self, tasks: torch.Tensor) -> torch.Tensor:
         """π for each entry of ``tasks`` (G,), in fp32: (G, n). Slot n_tasks = unknown (mean π)."""
-        table = torch.softmax(self.task_logits.float() / self.config.temperature, dim=-1)  # (T, n)
+        logits = routing_table(self, self.task_logits).float()  # (T, n)
+        table = torch.softmax(logits / self.config.temperature, dim=-1)  # (T, n)
         if self.config.unknown_task == "average":
             table = torch.cat([table, table.mean(0, keepdim=True)])  # (T+1, n)
         return table[tasks]

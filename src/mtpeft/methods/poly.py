@@ -47,7 +47,8 @@ from ..config import AdapterConfig, check_choice, check_positive_int, field_help
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
-from ..tasks_api import UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter
+from ..tasks_api import (UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter,
+                         routing_table)
 from .task_lora import require_task_ids
 
 EPS = 1e-12  # normaliser guard, as PEFT and mttl
@@ -139,7 +140,8 @@ class PolyLayer(AdaptedLayer):
         """Normalised common-skill weights for ``tasks`` (G,), fp32: (G, h, S). Slot n_tasks = uniform."""
         h, s = self.config.n_splits, self.config.n_skills
         n_tasks = self.n_tasks
-        logits = self.module_logits.float()[tasks.clamp(max=n_tasks - 1)].view(-1, h, s)  # (G, h, S)
+        table = routing_table(self, self.module_logits).float()  # (T, h·S)
+        logits = table[tasks.clamp(max=n_tasks - 1)].view(-1, h, s)  # (G, h, S)
         w = normalised_skill_weights(logits, sample)
         if self.config.unknown_task == "average":
             unknown = (tasks >= n_tasks)[:, None, None]
