@@ -45,18 +45,20 @@ def group_by_task(ids: torch.Tensor, n_tasks: int, unknown_task: str) -> tuple[t
 @torch.no_grad()
 def grow_task_parameter(module: nn.Module, name: str, n: int,
                         init: Callable[[torch.Tensor], object]) -> nn.Parameter:
-    """Replace ``module.<name>`` (task dimension first) by one with ``n`` more rows, set by ``init``.
+    """Grow ``module.<name>`` (task dimension first) by ``n`` rows, set by ``init``.
 
     The old rows are copied unchanged; ``init`` receives the new rows (a view) and fills them in
-    place. The parameter object is new, so an optimizer built before must be rebuilt.
+    place. The Parameter object stays the same (its data is swapped for the larger tensor), so
+    references to it (an optimizer built before but not stepped yet, param groups) stay valid; its
+    ``.grad`` is cleared. An optimizer that already holds state for it must be rebuilt.
     """
-    old = getattr(module, name)
-    t = old.shape[0]
-    new = torch.empty((t + n, *old.shape[1:]), dtype=old.dtype, device=old.device)
-    new[:t] = old
+    param = getattr(module, name)
+    t = param.shape[0]
+    new = torch.empty((t + n, *param.shape[1:]), dtype=param.dtype, device=param.device)
+    new[:t] = param
     init(new[t:])
-    param = nn.Parameter(new, requires_grad=old.requires_grad)
-    setattr(module, name, param)
+    param.data = new
+    param.grad = None
     return param
 
 
@@ -87,9 +89,10 @@ def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
     This is a training-time setting: it is not saved, and a later ``add_tasks(..., False)`` lifts
     the row mask (``requires_grad`` flags are left as they are).
 
-    Build the optimizer after this call (the grown parameters are new objects), and keep weight
-    decay off the logits (as :func:`mtpeft.parameter_groups` does by default): AdamW decays
-    parameters even where the gradient is zero.
+    The grown tensors keep their Parameter objects, so an optimizer built before this call works
+    if it has not stepped yet; one that holds state (Adam moments of the old shape) must be rebuilt.
+    Keep weight decay off the logits (as :func:`mtpeft.parameter_groups` does by default): AdamW
+    decays parameters even where the gradient is zero.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"add_tasks: n must be a positive integer, got {n!r}.")

@@ -161,3 +161,23 @@ def test_routing_only_mask_survives_deepcopy():
             assert p.grad[:N_TASKS].abs().sum() == 0 and p.grad[N_TASKS:].abs().sum() > 0, name
     clone.add_tasks(1)  # a later add_tasks without train_only_routing lifts the row mask
     assert all(layer.frozen_task_rows is None for _, layer in clone.adapted_layers())
+
+
+def test_an_optimizer_built_before_add_tasks_trains_the_grown_parameters():
+    """Growing keeps the Parameter objects, so param groups / an optimizer built earlier (not yet
+    stepped) still point at the live tensors."""
+    model = mtpeft.get_model(BUILDERS["llama"](), GROWABLE["poly"]())
+    randomise(model)
+    params_before = [p for _, p in model.named_parameters()]
+    opt = torch.optim.AdamW(mtpeft.parameter_groups(model, lr=1e-2, routing_lr=5e-2))
+    model.add_tasks(1, train_only_routing=True)
+    assert [p for _, p in model.named_parameters()] == params_before  # same objects
+    _, layer = model.adapted_layers()[0]
+    start = layer.module_logits.detach().clone()
+    b = batch()
+    model.train()
+    model(**b, labels=b["input_ids"], task_ids=torch.tensor([N_TASKS, 0, N_TASKS, 1])).loss.backward()
+    opt.step()
+    assert layer.module_logits.shape[0] == N_TASKS + 1
+    assert torch.equal(layer.module_logits[:N_TASKS], start[:N_TASKS])
+    assert not torch.equal(layer.module_logits[N_TASKS:], start[N_TASKS:])
