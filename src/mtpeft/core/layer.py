@@ -92,6 +92,9 @@ class AdaptedLayer(nn.Module):
         self.create_parameters(dict(device=weight.device, dtype=self.adapter_dtype))
         if weight.device.type != "meta":
             self.reset_parameters()
+        # A new module starts in training mode; follow the wrapped layer instead, so wrapping an eval
+        # model does not switch on adapter dropout (and training-only work) in its next forward.
+        self.train(base_layer.training)
 
     # ------------------------------------------------------------------ method hooks
     def create_parameters(self, factory: dict) -> None:
