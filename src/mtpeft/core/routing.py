@@ -6,7 +6,7 @@ becomes a float weight per token (1 = real token, 0 = padding), so no boolean in
 device sync) is needed in the hot path.
 
 Pieces:
-    ``router_probs``          bias-free linear router + softmax (softmax in fp32 whatever the adapter dtype)
+    ``router_probs``          bias-free linear router + softmax (in fp32 for bf16 / fp16 adapters)
     ``top_k_gates``           keep the k largest probabilities, renormalise them to sum 1, as a dense
                               (N, E) gate matrix with zeros elsewhere ("dense masked gates"), so the
                               experts run as two GEMMs whatever E and k are
@@ -17,11 +17,13 @@ Pieces:
     ``task_expert_load``      the task × expert load matrix, aggregated over modules
     ``TokenRoutedLayer``      the small base class the four layers share (flattening, masks, recording)
 
-Aux losses are computed whenever the layer is in training mode, whether or not the forward records
-them. Why: gradient checkpointing (non-reentrant) recomputes a layer's forward during backward with
-recording off, and matches the tensors it saves to the original ones by order; skipping the aux-loss
-ops there would shift that order (and the random draws of the contrastive sampler). Statistics are
-computed under no_grad and only when recording, so they save nothing for backward.
+When aux losses are built: in training mode always, and in eval mode when the forward records (a
+wrapper forward, so validation can log them; ``generate`` does not record). Why "training mode" and
+not just "recording": gradient checkpointing (non-reentrant) recomputes a layer's forward during
+backward with recording off, and matches the tensors it saves to the original ones by order; skipping
+the aux-loss ops there would shift that order (and the random draws of the contrastive sampler).
+Checkpointing only runs in training mode, where both passes build them. Statistics are computed under
+no_grad and only when recording, so they save nothing for backward.
 """
 
 from __future__ import annotations
@@ -36,9 +38,15 @@ from .layer import AdaptedLayer
 # ----------------------------------------------------------------------------------- routing ops
 
 
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The routing precision: at least fp32 (bf16 / fp16 adapters route in fp32, fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def router_probs(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """softmax(x Wᵀ) for x (N, d_in) and a bias-free router W (E, d_in) -> (N, E), fp32."""
-    return torch.softmax((x @ weight.T).float(), dim=-1)
+    """softmax(x Wᵀ) for x (N, d_in) and a bias-free router W (E, d_in) -> (N, E), in at least fp32."""
+    logits = x @ weight.T
+    return torch.softmax(logits.to(router_dtype(logits.dtype)), dim=-1)
 
 
 def top_k_gates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,9 +252,9 @@ class TokenRoutedLayer(AdaptedLayer):
         x2d = x.reshape(-1, x.shape[-1])
         return x2d, lead, token_weights(route, x2d.shape[0])
 
-    def _wants_aux(self) -> bool:
-        """Aux losses are built in training mode only (see the module docstring for why not 'if recording')."""
-        return self.training
+    def _wants_aux(self, route: Route) -> bool:
+        """Build aux losses in training mode, or when recording (see the module docstring for why both)."""
+        return self.training or route.record
 
     def _record_aux(self, name: str, value: torch.Tensor, weight: float) -> None:
         self.routing.add_aux_loss(name, value, weight)
@@ -275,7 +283,7 @@ def closed_form_parameter_count(config, shapes: Iterable[tuple[int, int]]) -> in
 
 
 __all__: list[Any] = [
-    "router_probs", "top_k_gates", "argmax_selected", "gate_expert_blocks", "gate_shared_block",
+    "router_dtype", "router_probs", "top_k_gates", "argmax_selected", "gate_expert_blocks", "gate_shared_block",
     "masked_mean", "switch_balance_loss", "token_weights", "token_task_ids", "router_statistics",
     "task_expert_load", "TokenRoutedLayer", "closed_form_parameter_count",
 ]

@@ -26,7 +26,8 @@ from torch import nn
 from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
-from ..core.routing import TokenRoutedLayer, argmax_selected, gate_shared_block, router_probs, switch_balance_loss
+from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_shared_block, router_dtype, router_probs,
+                            switch_balance_loss)
 from .lora import make_dropout
 
 
@@ -88,9 +89,9 @@ class HydraLoraLayer(TokenRoutedLayer):
         z = self.dropout(x2d) @ self.lora_A.T  # (N, r): A once per token
         probs = router_probs(x2d, self.router)  # (N, E) fp32, dense
         out = gate_shared_block(z, probs, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
-        need_selected = route.record or (self._wants_aux() and self.config.balance_weight > 0)
+        need_selected = route.record or (self._wants_aux(route) and self.config.balance_weight > 0)
         selected = argmax_selected(probs) if need_selected else None
-        if self._wants_aux() and self.config.balance_weight > 0:
+        if self._wants_aux(route) and self.config.balance_weight > 0:
             self._record_aux("hydralora_balance", switch_balance_loss(probs, selected, 1, weight),
                              self.config.balance_weight)
         if route.record:
@@ -101,7 +102,7 @@ class HydraLoraLayer(TokenRoutedLayer):
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over heads (the definition), for tests. Draws the same dropout mask first."""
         xd = self.dropout(x)
-        probs = torch.softmax((x @ self.router.T).float(), dim=-1)  # (..., E)
+        probs = torch.softmax((x @ self.router.T).to(router_dtype(x.dtype)), dim=-1)  # (..., E)
         out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
         for e in range(self.n_experts):
             head = (xd @ self.lora_A.T) @ self.lora_B[e]  # B_e A drop(x)

@@ -28,11 +28,11 @@ Aux losses, summed over adapted modules by the wrapper:
 
     with u = o/‖o‖ and τ = 0.1. Choices between readings: pairs are sampled uniformly among all
     (non-padding token, expert) pairs (``contrastive_pairs="all"``, the spec's wording), or among
-    the routed (top-k) pairs only (``"routed"``); the loss is computed in fp32; it reaches A and B,
+    the routed (top-k) pairs only (``"routed"``); the loss is computed in (at least) fp32; it reaches A and B,
     not the router. At init B = 0, so every o is 0 and the loss is the constant log(M−1) with zero
     gradient; the cosine form then has gradients ∝ 1/‖o‖ while B is tiny, which Adam-style
     optimisers absorb (plain SGD would need a smaller λ_cl early on).
-Aux losses are built in training mode only (eval losses stay the task loss).
+Aux losses are built in training mode and in any recorded forward (not in ``generate``).
 
 Other choices: the router is initialised like torch's nn.Linear (kaiming-uniform, U(±1/√d_in)), so
 ties between experts are broken from the first step; A_e kaiming-uniform per expert, B_e zeros.
@@ -51,7 +51,7 @@ from torch import nn
 from ..config import AdapterConfig, check_choice, check_positive_int, check_probability, field_help, register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
-from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, router_probs, switch_balance_loss,
+from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, router_dtype, router_probs, switch_balance_loss,
                             top_k_gates)
 from .lora import make_dropout
 
@@ -130,7 +130,7 @@ def expert_contrastive_loss(outputs: torch.Tensor, experts: torch.Tensor, ok: to
         scalar: mean over valid anchors with at least one positive (0 when there is none).
     Pairs are distinct (token, expert) pairs, so "same expert" already implies "another token".
     """
-    u = F.normalize(outputs.float(), dim=-1)  # (M, d)
+    u = F.normalize(outputs.to(router_dtype(outputs.dtype)), dim=-1)  # (M, d), at least fp32
     sim = (u @ u.T) / temperature  # (M, M)
     m = sim.shape[0]
     eye = torch.eye(m, dtype=torch.bool, device=sim.device)
@@ -172,7 +172,7 @@ class MoELoraLayer(TokenRoutedLayer):
         z = self.dropout(x2d) @ self.lora_A.view(e * r, -1).T  # (N, E·r): one GEMM for every expert's A
         zg = gate_expert_blocks(z, gates, self.scaling)  # (N, E·r)
         out = zg @ self.lora_B.view(e * r, -1)  # (N, d_out): one GEMM for every expert's B
-        if self._wants_aux():
+        if self._wants_aux(route):
             cfg = self.config
             if cfg.balance_weight > 0:
                 self._record_aux("moelora_balance", switch_balance_loss(probs, selected, self.top_k, weight),
@@ -201,7 +201,7 @@ class MoELoraLayer(TokenRoutedLayer):
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over experts (the definition), for tests. Draws the same dropout mask first."""
         xd = self.dropout(x)
-        probs = torch.softmax((x @ self.router.T).float(), dim=-1)  # (..., E)
+        probs = torch.softmax((x @ self.router.T).to(router_dtype(x.dtype)), dim=-1)  # (..., E)
         top_vals, top_idx = probs.topk(self.top_k, dim=-1)
         denom = top_vals.sum(-1)  # (...,)
         out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)

@@ -21,7 +21,7 @@ broadcasting (N, E·r); one GEMM with B_cat (E·r, d_out) (B stored input-major 
 B_cat is a free view). Unselected experts get a zero gate. ``reference_forward`` is the loop.
 
 Loss "mosld_balance" (weight 0.001): Switch load balance E·Σ_e f_e·P_e over non-padding tokens per
-module, summed over modules (layers with different E each use their own E). Built in training mode only.
+module, summed over modules (layers with different E each use their own E).
 
 Choices between readings: the router is initialised like torch's nn.Linear (U(±1/√d_in)); A
 kaiming-uniform, B_e zeros; there is no activation dropout (the paper's dropout is the DropConnect);
@@ -39,7 +39,8 @@ from torch import nn
 from ..config import AdapterConfig, check_choice, check_positive_int, check_probability, field_help, register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
-from ..core.routing import TokenRoutedLayer, gate_shared_block, router_probs, switch_balance_loss, top_k_gates
+from ..core.routing import (TokenRoutedLayer, gate_shared_block, router_dtype, router_probs, switch_balance_loss,
+                            top_k_gates)
 
 SCHEDULES = ("increasing", "decreasing", "flat")
 
@@ -136,7 +137,7 @@ class MoSLDLayer(TokenRoutedLayer):
         gates, selected = top_k_gates(probs, self.top_k)
         z = x2d @ a.T  # (N, r): the shared A once per token
         out = gate_shared_block(z, gates, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
-        if self._wants_aux() and self.config.balance_weight > 0:
+        if self._wants_aux(route) and self.config.balance_weight > 0:
             self._record_aux("mosld_balance", switch_balance_loss(probs, selected, self.top_k, weight),
                              self.config.balance_weight)
         self._record_stats(route, lead, probs, gates, selected, self.top_k, weight)
@@ -146,7 +147,7 @@ class MoSLDLayer(TokenRoutedLayer):
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over experts (the definition), for tests. Draws the same DropConnect mask first."""
         a = self.shared_A()
-        probs = torch.softmax((x @ self.router.T).float(), dim=-1)  # (..., E)
+        probs = torch.softmax((x @ self.router.T).to(router_dtype(x.dtype)), dim=-1)  # (..., E)
         top_vals, top_idx = probs.topk(self.top_k, dim=-1)
         denom = top_vals.sum(-1)
         out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)

@@ -20,7 +20,7 @@ counts as positive).
 Loss "teamlora_balance" (weight λ = 1.0): mean_e( mean over non-padding tokens of w_e − 1 )²,
 summed over adapted modules. The authors' code instead compares the E-scaled w with 1/E over all
 tokens (padding included); both are minimised by the same uniform load; we use the spec's form,
-which is scale-free in E and ignores padding. Built in training mode only.
+which is scale-free in E and ignores padding.
 
 Choices between readings: W_g is initialised like torch's nn.Linear (U(±1/√d_in)), A kaiming-uniform,
 B zeros; ``use_interaction=False`` drops M (ψ = φ); router statistics report φ as the probability,
@@ -39,7 +39,8 @@ from torch import nn
 from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
-from ..core.routing import TokenRoutedLayer, argmax_selected, gate_expert_blocks, masked_mean, router_probs
+from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_expert_blocks, masked_mean, router_dtype,
+                            router_probs)
 from .lora import make_dropout
 
 
@@ -139,7 +140,7 @@ class TeamLoraLayer(TokenRoutedLayer):
         z = self.dropout(x2d @ self.lora_A.T)  # (N, E·r_B): the shared A once, dropout after A
         phi, w = self.gate_weights(x2d)  # (N, E) each
         out = gate_expert_blocks(z, w, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
-        if self._wants_aux() and self.config.balance_weight > 0:
+        if self._wants_aux(route) and self.config.balance_weight > 0:
             balance = ((masked_mean(w, weight) - 1.0) ** 2).mean()
             self._record_aux("teamlora_balance", balance, self.config.balance_weight)
         if route.record:
@@ -152,7 +153,7 @@ class TeamLoraLayer(TokenRoutedLayer):
         """Plain loop over experts (the definition), for tests. Draws the same dropout mask first."""
         e, r = self.n_experts, self.r
         z = self.dropout(x @ self.lora_A.T)  # (..., E·r_B)
-        phi = torch.softmax((x @ self.router.T).float(), dim=-1)  # (..., E)
+        phi = torch.softmax((x @ self.router.T).to(router_dtype(x.dtype)), dim=-1)  # (..., E)
         eye = torch.eye(e, dtype=phi.dtype, device=phi.device)
         mix = eye if self.interaction is None else eye + self.interaction.to(phi.dtype)
         psi = phi @ mix
