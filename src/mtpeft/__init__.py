@@ -18,3 +18,6 @@ __all__ = [
 from .methods import CPolyConfig, MTLLoraConfig, PolyConfig  # noqa: E402  (task-routed methods)
 from .optim import parameter_groups  # noqa: E402
 __all__ += ["CPolyConfig", "MTLLoraConfig", "PolyConfig", "parameter_groups"]
+from .methods import HydraLoraConfig, MoELoraConfig, MoSLDConfig, TeamLoraConfig  # noqa: E402  (token-routed)
+from .core.routing import task_expert_load  # noqa: E402
+__all__ += ["HydraLoraConfig", "MoELoraConfig", "MoSLDConfig", "TeamLoraConfig", "task_expert_load"]
