@@ -1,8 +1,9 @@
 """Optimizer parameter groups that give routing logits their own learning rate.
 
 Task-routed methods (MTL-LoRA, Poly / MHR, C-Poly) learn a small table of routing logits beside the
-adapter weights, and it is common to train that table with its own (often larger) learning rate. ``parameter_groups`` splits a wrapped model's trainable parameters by the
-role each layer declares ("router" vs everything else):
+adapter weights, and it is common to train that table with its own (often larger) learning rate.
+``parameter_groups`` splits a wrapped model's trainable parameters by the role each layer declares
+("router" vs everything else):
 
     groups = mtpeft.parameter_groups(model, lr=1e-4, routing_lr=1e-2, weight_decay=0.01)
     optimizer = torch.optim.AdamW(groups)

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _tiny import BUILDERS, NoiseQueue, batch, out, randomise  # noqa: E402
+from _tiny import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import mtpeft  # noqa: E402
 from mtpeft.core.context import Route  # noqa: E402

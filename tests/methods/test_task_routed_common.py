@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _tiny import (BUILDERS, MAIN_VARIANTS, N_TASKS, VARIANTS, adapter_numel, batch, grads, out,  # noqa: E402
                    randomise)
+from _tiny import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import mtpeft  # noqa: E402
 

@@ -9,8 +9,9 @@ Learning", ICLR 2024): Poly's shared skills plus skills that belong to one task 
     Δy     = (x A_t) B_t / r
 
 A task never uses another task's exclusive skills. The two sums are normalised separately (each to
-1; METHODS.md §9), so a task's update is "common mixture + own mixture", not one mixture over S + E. With n_exclusive = 0 this
-is exactly Poly (same parameters, same computation); n_splits > 1 applies MHR's splits to both kinds.
+1; METHODS.md §9), so a task's update is "common mixture + own mixture", not one mixture over S + E.
+With n_exclusive = 0 this is exactly Poly (same parameters, same computation); n_splits > 1 applies
+MHR's splits to both kinds.
 
 Layout (common part identical to Poly / PEFT's poly):
     poly_lora_A         (h, S, d_in/h, r)          shared, kaiming per (split, skill)
