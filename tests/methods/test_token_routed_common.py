@@ -92,6 +92,23 @@ def test_two_gemms_whatever_the_number_of_experts(method, tr):
     assert counts == {4 if method == "teamlora" else 3}
 
 
+def test_bfloat16_adapters_route_in_fp32(method, tr):
+    """bf16 adapters on an fp32 base: the router softmax runs in fp32, outputs stay close to fp32."""
+    ref = tr.standalone_layer(method, seed=4).eval()
+    half = tr.standalone_layer(method, seed=4, adapter_dtype="bfloat16").eval()
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(ref.named_parameters(), half.named_parameters()):
+            if not name.startswith("base_layer."):
+                assert q.dtype == torch.bfloat16, name
+                p.copy_(q.float())
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(half(x), ref(x), atol=0.1, rtol=0.05)
+    half.train()
+    out = half(x)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for n, p in half.named_parameters() if p.grad is not None)
+
+
 # ------------------------------------------------------------------------------------ invariants
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
 def test_output_equals_base_at_init(method, arch, tr):
@@ -437,6 +454,23 @@ def test_gradient_checkpointing_same_aux_and_router_grads(method, tr):
     assert routers
     for n in grads_a:  # router gradients, and every other adapter gradient too
         torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_reentrant_checkpointing_warns_that_aux_losses_lose_their_gradient(method, tr, monkeypatch):
+    """Reentrant checkpointing runs the recorded forward under no_grad (a limit of that mode, not
+    fixable in a layer): the values stay right, the routers get no aux gradient, and we warn."""
+    import mtpeft.core.routing as routing
+
+    monkeypatch.setattr(routing, "_WARNED_NO_GRAD", False)
+    overrides = {"balance_weight": 0.5} if method == "hydralora" else {}
+    model = mtpeft.get_model(tr.tiny_llama(), tr.make_config(method, **overrides))
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    b = tr.token_batch()
+    with pytest.warns(UserWarning, match="use_reentrant"):
+        out = model(**b, labels=b["input_ids"])
+    assert out.aux_losses and not any(v.requires_grad for v in out.aux_losses.values())
+    out.loss.backward()  # the task loss still trains the adapters
 
 
 def test_meta_device_construction(method, tr):

@@ -28,7 +28,8 @@ no_grad and only when recording, so they save nothing for backward.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import warnings
+from typing import Iterable
 
 import torch
 
@@ -234,6 +235,23 @@ def task_expert_load(model_or_stats, kind: str = "count", normalize: bool = True
 
 
 # ----------------------------------------------------------------------------------- base layer
+_WARNED_NO_GRAD = False
+
+
+def _warn_no_grad_aux_once() -> None:
+    """Reentrant gradient checkpointing runs the recorded forward under no_grad: the aux losses then
+    carry no gradient (their values are still right). Say so once instead of training silently
+    without them."""
+    global _WARNED_NO_GRAD
+    if not _WARNED_NO_GRAD:
+        _WARNED_NO_GRAD = True
+        warnings.warn(
+            "mtpeft: aux losses (load balance / contrastive) were recorded in a training-mode forward "
+            "without gradients, so they will not train the routers. This happens with reentrant gradient "
+            "checkpointing (use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}), the transformers default) or a training-mode forward under "
+            "torch.no_grad().", stacklevel=3)
+
 
 
 class TokenRoutedLayer(AdaptedLayer):
@@ -257,6 +275,8 @@ class TokenRoutedLayer(AdaptedLayer):
         return self.training or route.record
 
     def _record_aux(self, name: str, value: torch.Tensor, weight: float) -> None:
+        if self.training and self.routing.recording and not torch.is_grad_enabled():
+            _warn_no_grad_aux_once()
         self.routing.add_aux_loss(name, value, weight)
 
     def _record_stats(self, route: Route, lead: torch.Size, probs: torch.Tensor, gates: torch.Tensor,
@@ -282,7 +302,7 @@ def closed_form_parameter_count(config, shapes: Iterable[tuple[int, int]]) -> in
     return total
 
 
-__all__: list[Any] = [
+__all__: list[str] = [
     "router_dtype", "router_probs", "top_k_gates", "argmax_selected", "gate_expert_blocks", "gate_shared_block",
     "masked_mean", "switch_balance_loss", "token_weights", "token_task_ids", "router_statistics",
     "task_expert_load", "TokenRoutedLayer", "closed_form_parameter_count",
