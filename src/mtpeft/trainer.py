@@ -6,6 +6,9 @@ scheduler, RNG and data-order restore on resume.
 Checkpoints are crash-safe: the Trainer writes ``checkpoint-N/`` and we add ``COMPLETE`` last
 (written atomically). Resume picks the newest checkpoint that has it, so a kill mid-save falls back to
 the previous, intact checkpoint.
+
+Under DDP (torchrun, accelerate launch) rank 0 writes the adapter files and marks a checkpoint
+complete only after every rank has written its own files (its RNG state); every rank loads on resume.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .io import atomic_write_bytes, load_adapter_weights
 
@@ -72,6 +75,15 @@ class MultiTaskTrainer(Trainer):
         self._aux_count = 0
         super().__init__(*args, **kwargs)
         self.add_callback(StopOnNonFiniteLoss())
+        # The Trainer passes num_items_in_batch to any model whose forward takes **kwargs, and then
+        # multiplies the loss by the number of processes, expecting a loss summed over the items and
+        # divided by the global count. Hugging Face models do that; a plain torch base model such as
+        # our encoder with per-task heads returns a per-batch mean and ignores the count, so under DDP
+        # its gradients came out world_size times too large. Pass the count only to models that use it.
+        base = getattr(self._unwrapped(), "base_model", None)
+        if base is not None and not isinstance(base, PreTrainedModel) and not hasattr(base, "accepts_loss_kwargs"):
+            self.model_accepts_loss_kwargs = False
+        self._trainable: list[torch.nn.Parameter] | None = None
 
     # ------------------------------------------------------------------ data order
     def _get_train_sampler(self, train_dataset=None):
@@ -88,12 +100,27 @@ class MultiTaskTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = loss + self._zero_touch(model)
         aux = getattr(outputs, "aux_losses", None) or {}
         if model.training and aux:
             for name, value in aux.items():
                 self._aux_sums[name] += float(value.detach())
             self._aux_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _zero_touch(self, model) -> torch.Tensor:
+        """0 · Σ_p sum(p) over the trainable parameters: every one of them gets a (zero) gradient in
+        every backward. Adapter parameters always take part (experts and tasks are stacked tensors),
+        but a module the model calls only for some batches does not: the encoder's per-task heads
+        run only for the tasks present in this process's batch. DDP without find_unused_parameters
+        would then wait for that head's gradient forever (or fail on the next step). Applied in one
+        process too, so that a head whose task is absent from a step is treated the same way
+        (zero gradient: AdamW keeps moving it by its momentum, as it does stacked adapter rows) and
+        one process and N processes train identically. Costs one sum per trainable tensor."""
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.sum() for p in self._trainable), torch.zeros((), device=self.args.device)) * 0.0
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._aux_count:
@@ -115,6 +142,7 @@ class MultiTaskTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save and folder.is_dir():
             atomic_write_bytes(folder / COMPLETE_MARKER, b"ok\n")
