@@ -23,6 +23,8 @@ from transformers import TrainingArguments, set_seed
 from .base_models import build_base, model_kind
 from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
 from .data.collate import CausalLMCollator, EncoderClassificationCollator
+from .distributed import (barrier, default_backend, init_distributed, is_distributed, is_main_process,
+                          main_process_first, per_device_batch_size)
 from .evaluate import evaluate_causal, evaluate_encoder
 from .io import atomic_write_bytes
 from .model import MultiTaskModel, get_model
@@ -62,9 +64,15 @@ def make_collator(kind: str, tokenizer, run: RunConfig, tasks):
 
 
 def training_arguments(run: RunConfig, output_dir: Path) -> TrainingArguments:
+    """Under torchrun / accelerate launch, ``train.batch_size`` stays the global batch of one step (each
+    of N processes takes batch_size / N of the same stream) and DDP runs without
+    find_unused_parameters: every adapter parameter takes part in every forward (see
+    mtpeft.distributed), so the extra autograd-graph walk per step is not needed."""
     t = run.train
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=t.steps, per_device_train_batch_size=t.batch_size,
+        output_dir=str(output_dir), max_steps=t.steps,
+        per_device_train_batch_size=per_device_batch_size(t.batch_size),
+        ddp_find_unused_parameters=False, ddp_backend=default_backend() if is_distributed() else None,
         learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * t.steps),
         lr_scheduler_type="linear", logging_steps=t.logging_steps, save_strategy="steps",
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed,
@@ -75,18 +83,29 @@ def training_arguments(run: RunConfig, output_dir: Path) -> TrainingArguments:
 
 def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log=print,
               callbacks=None) -> Path:
-    """Train (resuming from the newest complete checkpoint if any), evaluate, write the run folder."""
+    """Train (resuming from the newest complete checkpoint if any), evaluate, write the run folder.
+
+    Under torchrun / accelerate launch every process calls this; rank 0 writes the run folder and
+    evaluates, and every process returns once the folder is complete.
+    """
+    init_distributed()  # no-op for one process
+    main = is_main_process()
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731  (one copy of the messages, from rank 0)
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     set_seed(run.train.seed)
-    tasks = load_run_tasks(run)
+    with main_process_first():  # rank 0 fills the data caches, the others then read them
+        tasks = load_run_tasks(run)
     model, tokenizer, kind = build_model(run, tasks)
-    run.save(out / "config.yaml")
+    if main:
+        run.save(out / "config.yaml")
     log(f"mtpeft: {run.method} on {run.model.name} ({kind}), tasks: "
         + ", ".join(f"{t.name} ({len(t.train)} train)" for t in tasks))
-    model.print_trainable_parameters()
+    if main:
+        model.print_trainable_parameters()
 
     dataset = MultiTaskDataset({t.name: t.train for t in tasks})
     sampler = MultiTaskSampler(dataset.sizes, temperature=run.data.temperature,
@@ -96,13 +115,18 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
     trainer = MultiTaskTrainer(model=model, args=training_arguments(run, out), train_dataset=dataset,
                                data_collator=make_collator(kind, tokenizer, run, tasks),
                                train_sampler=sampler, param_groups=groups, callbacks=callbacks)
-    remove_incomplete_checkpoints(out)
+    if main:
+        remove_incomplete_checkpoints(out)
+    barrier()
     checkpoints = complete_checkpoints(out) if resume else []
     if checkpoints:
         log(f"mtpeft: resuming from {checkpoints[-1]}")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     seconds = time.perf_counter() - started
+    if not main:
+        barrier()  # wait for rank 0 to save and evaluate
+        return out
     model.save_pretrained(out / "adapter")
     write_json(out / "log_history.json", trainer.state.log_history)
     steps_run = max(run.train.steps - (int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0), 1)
@@ -113,6 +137,7 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
         summary.update(evaluate_run_model(model, tokenizer, kind, tasks, run, out))
         print_results(summary, log)
     write_json(out / "metrics.json", summary)
+    barrier()
     return out
 
 
