@@ -27,6 +27,10 @@ def cmd_train(args) -> int:
 
     run = load_run_config(args.config, args.overrides)
     out = train_run(run, resume=not args.no_resume, evaluate=not args.no_eval)
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 writes the report
     if not args.no_eval:
         report = write_report([out], out / "report")
         print(f"mtpeft: report written to {report}")
