@@ -33,12 +33,11 @@ def build_base(name: str, kind: str, tasks, seed: int = 0):
     folder = model_folder(name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if kind == "encoder":
-        not_classification = [t.name for t in tasks if t.kind != "classification"]
+        not_classification = [t.name for t in tasks if t.kind == "generation"]
         if not_classification:
             raise ValueError(
-                f"tasks {not_classification} are not classification tasks; an encoder model scores classes "
-                f"with one head per task. Use a causal model (model.name=smollm2) for multiple-choice and "
-                f"free-text tasks.")
+                f"tasks {not_classification} are free-text tasks; an encoder model scores classes with one "
+                f"head per task. Use a causal model (model.name=smollm2) for free-text tasks.")
         encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
         torch.manual_seed(seed)  # the heads' init
         model = MultiTaskEncoderClassifier(encoder, [t.num_labels for t in tasks], [t.name for t in tasks])

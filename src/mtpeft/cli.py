@@ -69,6 +69,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import main as study_main
+
+    return study_main(args.study_args)
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -104,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--task", default=None, help="task name or index (task-routed methods)")
     exp.add_argument("--out", required=True, help="folder to write adapter_config.json + safetensors to")
     exp.set_defaults(func=cmd_export)
+
+    study = sub.add_parser("study", help="every method x seed on a task suite, one results table "
+                           "(see mtpeft study --help)", add_help=False)
+    study.add_argument("study_args", nargs=argparse.REMAINDER)
+    study.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="benchmark methods side by side (see mtpeft bench --help)",
                            add_help=False)

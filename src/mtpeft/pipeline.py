@@ -22,6 +22,7 @@ from transformers import TrainingArguments, set_seed
 
 from .base_models import build_base, model_kind
 from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
+from .data.choices import choices_as_classification
 from .data.collate import CausalLMCollator, EncoderClassificationCollator
 from .distributed import (barrier, default_backend, init_distributed, is_distributed, is_main_process,
                           main_process_first, per_device_batch_size)
@@ -42,8 +43,11 @@ def load_run_tasks(run: RunConfig):
     specs = [task_from_dict(t) for t in run.data.tasks]
     if not specs:
         raise ValueError("data.tasks is empty: name at least one task (e.g. data.tasks=[bbc_news]).")
-    return load_tasks(specs, seed=run.data.seed, val_fraction=run.data.val_fraction,
-                      test_fraction=run.data.test_fraction)
+    tasks = load_tasks(specs, seed=run.data.seed, val_fraction=run.data.val_fraction,
+                       test_fraction=run.data.test_fraction)
+    if model_kind(run.model.name, run.model.kind) == "encoder":
+        tasks = [choices_as_classification(t) for t in tasks]  # encoders pick the option letter
+    return tasks
 
 
 def build_model(run: RunConfig, tasks):

@@ -1,0 +1,151 @@
+"""``mtpeft study CONFIG.yaml``: every method x every seed on one task suite, plus the single-task
+baseline, summarised in one table (mean and standard deviation per task and on average, trainable
+parameters, time per step).
+
+A study config::
+
+    output_dir: runs/study-encoder
+    seeds: [0, 1, 2]
+    base: {model: ..., data: ..., train: ...}     # a run config without method / adapter
+    methods:
+      - {name: lora, method: lora, adapter: {r: 8}}
+      - {name: mhr, method: poly, adapter: {n_splits: 8}}
+    single_task: {name: lora-single-task, method: lora, adapter: {r: 8}}   # one run per task
+
+The study is resumable: a run whose metrics.json exists is skipped, and an interrupted run resumes
+from its newest complete checkpoint. The single-task baseline trains one adapter per task alone with
+the same number of steps as a multi-task run, and reports each task from its own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from .pipeline import train_run, write_json
+from .run_config import apply_overrides, run_config_from_dict
+
+_STUDY_KEYS = {"output_dir", "seeds", "base", "methods", "single_task", "name"}
+
+
+def load_study(path, overrides=None) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = apply_overrides(data, overrides or [])
+    unknown = set(data) - _STUDY_KEYS
+    if unknown:
+        raise ValueError(f"unknown study keys {sorted(unknown)}; known: {sorted(_STUDY_KEYS)}.")
+    for key in ("output_dir", "base", "methods"):
+        if key not in data:
+            raise ValueError(f"study config {path} needs {key!r}.")
+    data.setdefault("seeds", [0])
+    return data
+
+
+def _run_dict(study: dict, entry: dict, seed: int, out: Path, tasks=None) -> dict:
+    run = yaml.safe_load(yaml.safe_dump(study["base"]))  # deep copy
+    run["method"] = entry["method"]
+    run["adapter"] = dict(entry.get("adapter") or {})
+    run["output_dir"] = str(out)
+    run.setdefault("train", {})["seed"] = seed
+    run.setdefault("data", {})["seed"] = seed
+    if tasks is not None:
+        run["data"]["tasks"] = tasks
+    return run
+
+
+def planned_runs(study: dict) -> list[dict]:
+    """Every run of the study: {"label", "seed", "task" (single-task only), "config" (a dict)}."""
+    root = Path(study["output_dir"])
+    runs = []
+    for seed in study["seeds"]:
+        for entry in study["methods"]:
+            out = root / f"{entry['name']}-seed{seed}"
+            runs.append({"label": entry["name"], "seed": seed, "task": None,
+                         "config": _run_dict(study, entry, seed, out)})
+        single = study.get("single_task")
+        if single:
+            for task in study["base"]["data"]["tasks"]:
+                name = task if isinstance(task, str) else task["name"]
+                out = root / f"{single['name']}-{name}-seed{seed}"
+                runs.append({"label": single["name"], "seed": seed, "task": name,
+                             "config": _run_dict(study, {**single, "adapter": {**(single.get("adapter") or {}),
+                                                                                "n_tasks": 1}},
+                                                 seed, out, tasks=[task])})
+    return runs
+
+
+def run_study(study: dict, log=print) -> Path:
+    root = Path(study["output_dir"])
+    root.mkdir(parents=True, exist_ok=True)
+    runs = planned_runs(study)
+    for i, planned in enumerate(runs, 1):
+        out = Path(planned["config"]["output_dir"])
+        if (out / "metrics.json").exists():
+            continue
+        log(f"mtpeft study: run {i}/{len(runs)}: {out.name}")
+        started = time.perf_counter()
+        train_run(run_config_from_dict(planned["config"]), log=log)
+        log(f"mtpeft study: {out.name} took {time.perf_counter() - started:.0f} s")
+    table = summarise(runs)
+    write_json(root / "results.json", table)
+    (root / "results.md").write_text(results_markdown(table) + "\n")
+    return root
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per method: per-task and average mean / std over seeds, parameters, seconds per step."""
+    by_label: dict[str, dict] = {}
+    for planned in runs:
+        path = Path(planned["config"]["output_dir"]) / "metrics.json"
+        if not path.exists():
+            continue
+        metrics = json.loads(path.read_text())
+        entry = by_label.setdefault(planned["label"], {"scores": {}, "params": [], "step": [], "seeds": set()})
+        entry["seeds"].add(planned["seed"])
+        for task, result in metrics["tasks"].items():
+            entry["scores"].setdefault(task, {}).setdefault(planned["seed"], result["score"])
+        entry["params"].append(sum(metrics["trainable_parameters"].values()))
+        entry["step"].append(metrics["seconds_per_step"])
+    table = {}
+    for label, entry in by_label.items():
+        tasks = {t: _mean_std(list(s.values())) for t, s in entry["scores"].items()}
+        seeds = sorted(entry["seeds"])
+        averages = [statistics.fmean(entry["scores"][t][s] for t in entry["scores"] if s in entry["scores"][t])
+                    for s in seeds]
+        table[label] = {"tasks": tasks, "average": _mean_std(averages), "seeds": seeds,
+                        "trainable_parameters": max(entry["params"]),
+                        "seconds_per_step": statistics.fmean(entry["step"])}
+    return table
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def results_markdown(table: dict) -> str:
+    tasks = list(dict.fromkeys(t for row in table.values() for t in row["tasks"]))
+    lines = ["| method | " + " | ".join(tasks) + " | average | trainable params | s/step | seeds |",
+             "|" + "---|" * (len(tasks) + 5)]
+    for label, row in table.items():
+        cells = [f"{100 * row['tasks'][t]['mean']:.1f} ± {100 * row['tasks'][t]['std']:.1f}"
+                 if t in row["tasks"] else "–" for t in tasks]
+        avg = row["average"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * avg['mean']:.1f} ± {100 * avg['std']:.1f} | "
+                     f"{row['trainable_parameters']:,} | {row['seconds_per_step']:.3f} | {len(row['seeds'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtpeft study", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="study YAML (see configs/study-*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0]")
+    args = parser.parse_args(argv)
+    root = run_study(load_study(args.config, args.overrides))
+    print((root / "results.md").read_text())
+    return 0

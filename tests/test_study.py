@@ -1,0 +1,31 @@
+"""mtpeft study: every method x seed plus the single-task baseline, one table; resumable."""
+
+import json
+
+import yaml
+
+from mtpeft.study import load_study, run_study
+
+
+def test_study_runs_summarises_and_resumes(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "study"), "seeds": [0],
+        "base": {"model": {"name": "minilm", "max_length": 32},
+                 "data": {"tasks": ["intent_recognition", "social_iqa"], "max_eval_examples": 12},
+                 "train": {"steps": 3, "batch_size": 4, "logging_steps": 1, "save_steps": 3}},
+        "methods": [{"name": "mhr", "method": "poly", "adapter": {"n_splits": 2, "r": 2}}],
+        "single_task": {"name": "single", "method": "lora", "adapter": {"r": 2}}}))
+    study = load_study(config)
+    root = run_study(study, log=lambda *a: None)
+    table = json.loads((root / "results.json").read_text())
+    assert set(table) == {"mhr", "single"}
+    assert set(table["single"]["tasks"]) == {"intent_recognition", "social_iqa"}  # one run per task
+    assert (root / "single-social_iqa-seed0" / "metrics.json").exists()
+    assert "| mhr |" in (root / "results.md").read_text()
+    # social_iqa is multiple choice: the encoder scores option letters
+    run_config = yaml.safe_load((root / "mhr-seed0" / "config.yaml").read_text())
+    assert run_config["adapter"]["n_splits"] == 2
+    before = (root / "mhr-seed0" / "metrics.json").stat().st_mtime_ns
+    run_study(study, log=lambda *a: None)  # resumable: finished runs are skipped
+    assert (root / "mhr-seed0" / "metrics.json").stat().st_mtime_ns == before
