@@ -82,16 +82,28 @@ class MultiTaskModel(nn.Module):
         targets = find_targets(base_model, config.target_modules, config.exclude_modules,
                                default_role=config.default_targets)
         saved = self._resolve_modules_to_save(config.modules_to_save)
+        flags = {name: param.requires_grad for name, param in base_model.named_parameters()}
         for param in base_model.parameters():
             param.requires_grad_(False)
         layer_cls = get_layer_class(config.method)
         n_layers = max(_layer_index(n) for n in targets) + 1
         self.adapted_names = targets
-        for name in targets:
-            base_layer = base_model.get_submodule(name)
-            layer = layer_cls(base_layer, config, module_name=name, routing=self.routing,
-                              layer_index=_layer_index(name), n_layers=n_layers)
-            _set_submodule(base_model, name, layer)
+        injected = []
+        try:
+            for name in targets:
+                base_layer = base_model.get_submodule(name)
+                layer = layer_cls(base_layer, config, module_name=name, routing=self.routing,
+                                  layer_index=_layer_index(name), n_layers=n_layers)
+                _set_submodule(base_model, name, layer)
+                injected.append((name, base_layer))
+        except BaseException:
+            # A layer can refuse its shape (e.g. MHR's n_splits) after earlier layers were replaced:
+            # put the original layers and requires_grad flags back, so a failed wrap changes nothing.
+            for name, base_layer in reversed(injected):
+                _set_submodule(base_model, name, base_layer)
+            for name, param in base_model.named_parameters():
+                param.requires_grad_(flags.get(name, param.requires_grad))
+            raise
         for name in saved:
             for param in base_model.get_submodule(name).parameters():
                 param.requires_grad_(True)
