@@ -29,3 +29,19 @@ def test_study_runs_summarises_and_resumes(tmp_path):
     before = (root / "mhr-seed0" / "metrics.json").stat().st_mtime_ns
     run_study(study, log=lambda *a: None)  # resumable: finished runs are skipped
     assert (root / "mhr-seed0" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_shipped_study_configs_plan_every_method():
+    from pathlib import Path
+
+    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.study import planned_runs
+
+    root = Path(__file__).parent.parent / "configs"
+    encoder = planned_runs(load_study(root / "study-encoder.yaml"))
+    labels = {r["label"] for r in encoder}
+    assert labels >= {"lora", "task_lora", "teamlora", "moelora", "mosld", "hydralora", "mtl_lora", "poly", "mhr",
+                      "cpoly", "lora-single-task"}
+    assert len(encoder) == 3 * (10 + 5)  # 3 seeds x (10 methods + one single-task run per task)
+    for planned in encoder + planned_runs(load_study(root / "study-causal.yaml")):
+        run_config_from_dict(planned["config"])  # every planned run is a valid run config
