@@ -97,13 +97,14 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
     if not main:
         log = lambda *a, **k: None  # noqa: E731  (one copy of the messages, from rank 0)
     out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     set_seed(run.train.seed)
     with main_process_first():  # rank 0 fills the data caches, the others then read them
         tasks = load_run_tasks(run)
     model, tokenizer, kind = build_model(run, tasks)
+    # Only now: a bad data or model config fails above without creating (or touching) the run folder.
+    out.mkdir(parents=True, exist_ok=True)
     if main:
         run.save(out / "config.yaml")
     log(f"mtpeft: {run.method} on {run.model.name} ({kind}), tasks: "
@@ -180,6 +181,8 @@ def load_run(run_dir) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
 
 
 def eval_run(run_dir, split: str = "test", log=print) -> dict:
+    if split not in ("train", "validation", "test"):  # also names the file written below
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}.")
     model, tokenizer, kind, tasks, run = load_run(run_dir)
     scores = evaluate_run_model(model, tokenizer, kind, tasks, run, Path(run_dir), split)
     print_results(scores, log)

@@ -75,7 +75,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .io import atomic_write_bytes  # a kill mid-write leaves the previous config.yaml whole
+
+        atomic_write_bytes(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}

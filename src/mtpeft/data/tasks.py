@@ -263,6 +263,9 @@ def _read_datasets(spec: TaskSpec, scheme: str, location: str, config: str | Non
         for f in files:
             if not any(c in f for c in "*?[") and not os.path.exists(f):
                 raise TaskDataError(f"Task {spec.name!r}: data file {f!r} does not exist.")
+            if os.path.isfile(f) and os.path.getsize(f) == 0:  # datasets fails on it with a bare StopIteration
+                raise TaskDataError(f"Task {spec.name!r}: source {spec.source!r} gave no examples (data file {f!r} "
+                                    f"is empty).")
         args, kwargs = (scheme,), {"data_files": files}
     else:
         args, kwargs = (location,) + ((config,) if config else ()), {}
