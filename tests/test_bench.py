@@ -1,0 +1,165 @@
+"""``mtpeft bench``: a smoke test of ``--quick`` (structure of the JSON, never a time), the timing helper,
+and the exactness of the fast paths the benchmark led to (cheap adapter dropout, MoELoRA's contrastive
+similarities through a Gram matrix)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtpeft import bench
+from mtpeft.cli import main as cli_main
+
+
+def _minilm_or_skip():
+    from mtpeft.assets import AssetMissingError, minilm_path
+
+    try:
+        minilm_path()
+    except AssetMissingError as err:  # pragma: no cover - the asset is installed in CI
+        pytest.skip(str(err))
+
+
+# ------------------------------------------------------------------------------- smoke: --quick
+
+
+def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
+    _minilm_or_skip()
+    out = tmp_path / "quick.json"
+    assert cli_main(["bench", "layer", "train", "--quick", "--silent", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    meta = res["meta"]
+    assert meta["quick"] and meta["torch_threads"] == 1 and meta["sections"] == ["layer", "train"]
+    assert len(meta["load_average_start"]) == 3 and meta["repeats"] >= 2
+    assert "infer" not in res and "memory" not in res
+
+    rows = res["layer"]["rows"]
+    assert {r["method"] for r in rows} == {"moelora", "poly"}
+    for r in rows:
+        for key in ("fast_ms", "ref_ms", "lora_ms", "base_ms", "ref_vs_fast", "fast_vs_lora",
+                    "adapter_ref_vs_fast", "adapter_fast_vs_lora"):
+            assert isinstance(r[key], float) and r[key] > 0, key
+
+    train = res["train"]["minilm"]
+    names = [r["name"] for r in train["rows"]]
+    assert names[0] == "floor" and {"lora_r8", "peft_lora_r8", "moelora", "lora_r32", "task_lora"} <= set(names)
+    rows = {r["name"]: r for r in train["rows"]}
+    assert rows["floor"]["vs_floor"] == 1.0 and rows["floor"]["trainable_params"] == 0
+    assert rows["lora_r8"]["trainable_params"] == rows["peft_lora_r8"]["trainable_params"] == 6 * 2 * 8 * (384 + 384)
+    assert rows["lora_r8"]["peft_ref"] == "peft_lora_r8" and rows["lora_r8"]["vs_peft"] > 0
+    assert rows["moelora"]["lora_ref"] == "lora_r32" and rows["moelora"]["vs_equal_rank_lora"] > 0
+    assert rows["moelora"]["flop_predicted_vs_floor"] > rows["lora_r32"]["flop_predicted_vs_floor"] > 0
+    for name, samples in train["samples_s"].items():  # every sample kept, with its contention flag
+        assert len(samples) == len(train["contended"][name]) >= meta["repeats"]
+
+    targets = {(t["target"], t["subject"]) for t in res["targets"]}
+    assert ("lora_vs_floor", "minilm: lora_r8") in targets
+    assert any(t == "reference_loop_vs_fast_path_E8" for t, _ in targets)
+    for t in res["targets"]:
+        assert set(t) == {"target", "subject", "value", "bound", "met"} and isinstance(t["met"], bool)
+
+    printed = capsys.readouterr().out
+    assert "train step, minilm" in printed and "targets" in printed
+
+
+def test_quick_infer_and_memory(tmp_path):
+    _minilm_or_skip()
+    out = tmp_path / "quick.json"
+    assert bench.main(["infer", "memory", "--quick", "--silent", "--json", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["name"]: r for r in res["infer"]["minilm"]["rows"]}
+    assert {"base", "lora_merged", "task_lora_merged", "lora_unmerged", "task_lora_mixed", "peft_lora_mixed"} <= set(rows)
+    assert rows["base"]["vs_base"] == 1.0 and rows["task_lora_mixed"]["vs_peft_mixed"] > 0
+    mem = {r["name"]: r for r in res["memory"]["minilm"]["rows"]}
+    assert mem["task_lora"]["lora_ref"] == "lora_r8"
+    for r in mem.values():
+        assert r["step_peak_mb"] > 0 and r["peak_rss_mb"] > r["step_peak_mb"]
+    assert {t["target"] for t in res["targets"]} >= {"merged_vs_base_inference", "peak_train_memory_vs_lora"}
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ValueError, match="unknown sub-benchmark"):
+        bench.main(["speed", "--quick", "--silent"])
+
+
+# ------------------------------------------------------------------------------- timing helper
+
+
+def test_interleaved_alternates_the_order_and_pairs_rounds():
+    calls = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    t = bench.interleaved(cases, repeats=3, warmup=1, extra_rounds=0)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == list("abc") + list("cba") + list("abc")
+    assert all(len(v) == 3 for v in t.samples.values())
+
+    t = bench.Timings({"a": [2.0, 4.0, 9.0], "b": [1.0, 2.0, 1.0]}, {"a": [False] * 3, "b": [False] * 3})
+    assert t.ratio("a", "b") == 2.0  # median of the per-round ratios 2, 2, 9 (not 4 / 1)
+    t.contended["a"] = [False, False, True]
+    assert t.median("a") == 3.0 and t.clean_count("a") == 2  # the contended sample is left out
+
+
+# ------------------------------------------------------------------------------- exactness of the fast paths
+
+
+def test_adapter_dropout_has_torch_dropouts_distribution():
+    from mtpeft.core.dropout import Dropout, dropout_mask
+
+    torch.manual_seed(0)
+    p, n, draws = 0.05, 997, 3000
+    masks = torch.stack([dropout_mask((n,), p, torch.float32, "cpu") for _ in range(draws)])
+    values = torch.unique(masks).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p))
+    keep = (masks > 0).float()
+    sd = math.sqrt(p * (1 - p) / (n * draws))
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sd
+    per_position = keep.mean(0)  # no position is favoured, the last ones included
+    assert (per_position - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / draws)
+    assert abs(per_position[-50:].mean() - (1 - p)) < 6 * math.sqrt(p * (1 - p) / (50 * draws))
+    a, b = keep[:, :-1], keep[:, 1:]  # neighbours independent
+    assert abs(((a * b).mean() - a.mean() * b.mean()).item()) < 1e-3
+    for size in (1, 2, 3):  # tiny inputs are covered too
+        m = torch.stack([dropout_mask((size,), 0.3, torch.float32, "cpu") for _ in range(4000)])
+        assert ((m > 0).float().mean(0) - 0.7).abs().max() < 0.04
+
+    drop = Dropout(p)
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    torch.manual_seed(1)
+    mask = dropout_mask(x.shape, p, x.dtype, x.device)
+    torch.testing.assert_close(y, x * mask)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, mask)  # backward: the same mask, scaled
+    assert drop.eval()(x) is x
+    torch.manual_seed(2)  # p >= 0.5: torch's own dropout, the same random stream
+    y = Dropout(0.5).train()(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(y, F.dropout(x, 0.5, training=True))
+
+
+def test_moelora_contrastive_through_the_gram_matrix_equals_normalised_outputs():
+    from mtpeft.methods.moelora import cosine_from_gram, expert_contrastive_loss, info_nce
+
+    torch.manual_seed(0)
+    m, e, r, d = 96, 8, 4, 40
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        z = torch.randn(m, r, dtype=dtype)
+        experts = torch.randint(0, e, (m,))
+        blocks = (F.one_hot(experts, e).to(dtype).unsqueeze(-1) * z.unsqueeze(1)).view(m, -1).requires_grad_()
+        b_cat = torch.randn(e * r, d, dtype=dtype, requires_grad=True)
+        ok = torch.rand(m) > 0.2
+        want = expert_contrastive_loss(blocks @ b_cat, experts, ok, 0.1)
+        got = info_nce(cosine_from_gram(blocks, b_cat), experts, ok, 0.1)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        for g_got, g_want in zip(torch.autograd.grad(got, [blocks, b_cat]), torch.autograd.grad(want, [blocks, b_cat])):
+            torch.testing.assert_close(g_got, g_want, atol=tol * 10, rtol=tol * 10)
+    zero = torch.zeros(e * r, d, requires_grad=True)  # B = 0 at init: finite, zero gradient
+    blocks = blocks.detach().float().requires_grad_()
+    loss = info_nce(cosine_from_gram(blocks, zero), experts, ok, 0.1)
+    grads = torch.autograd.grad(loss, [blocks, zero])
+    assert all(torch.isfinite(g).all() and g.abs().sum() == 0 for g in grads)
