@@ -29,9 +29,7 @@ def cmd_train(args) -> int:
     out = train_run(run, resume=not args.no_resume, evaluate=not args.no_eval)
     from .distributed import is_main_process
 
-    if not is_main_process():
-        return 0  # under torchrun, rank 0 writes the report
-    if not args.no_eval:
+    if not args.no_eval and is_main_process():  # under torchrun, rank 0 writes the report
         report = write_report([out], out / "report")
         print(f"mtpeft: report written to {report}")
     print(f"mtpeft: run folder {out}")
