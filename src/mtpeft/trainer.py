@@ -3,9 +3,14 @@ adapter files (checkpoints hold adapter_config.json + adapter_model.safetensors,
 the model), and logging of the aux losses. Everything else is the stock Trainer: optimizer,
 scheduler, RNG and data-order restore on resume.
 
-Checkpoints are crash-safe: the Trainer writes ``checkpoint-N/`` and we add ``COMPLETE`` last
-(written atomically). Resume picks the newest checkpoint that has it, so a kill mid-save falls back to
+Checkpoints are crash-safe: the Trainer writes ``checkpoint-N/``, we flush its files to disk and add
+``COMPLETE`` last (written atomically); only then are older checkpoints rotated out (the marker of a
+folder goes first). Resume picks the newest checkpoint that has it, so a kill mid-save falls back to
 the previous, intact checkpoint.
+
+A NaN or Inf loss stops training at once, before that step's optimizer update, with
+:class:`NonFiniteLossError` (every step, not only at logging steps); a checkpoint is never written
+from non-finite parameters. The last complete checkpoint is the last good one.
 
 Under DDP (torchrun, accelerate launch) rank 0 writes the adapter files and marks a checkpoint
 complete only after every rank has written its own files (its RNG state); every rank loads on resume.
@@ -50,21 +55,70 @@ def remove_incomplete_checkpoints(output_dir) -> None:
             shutil.rmtree(path)
 
 
+def rotate_checkpoints(output_dir, limit: int | None, protect=None) -> None:
+    """Keep the newest ``limit`` complete checkpoints (and ``protect``); drop older incomplete leftovers.
+
+    Called once the newest checkpoint is COMPLETE. The Trainer's own rotation runs before our marker
+    is written, so with ``save_total_limit=1`` a kill between the two left no complete checkpoint at
+    all. A folder loses its marker before its files, so an interrupted deletion is never mistaken for
+    a complete checkpoint.
+    """
+    if not limit or limit <= 0:
+        return
+    done = complete_checkpoints(output_dir)
+    if not done:
+        return
+    newest = int(done[-1].name.split("-")[1])
+    keep = {p.resolve() for p in done[-limit:]} | ({Path(protect).resolve()} if protect else set())
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if not match or not path.is_dir() or path.is_symlink() or path.resolve() in keep:
+            continue
+        if (path / COMPLETE_MARKER).exists() or int(match.group(1)) < newest:
+            (path / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file of a checkpoint folder (the Trainer writes optimizer.pt etc. without it) and the
+    folder itself, so that after a power loss COMPLETE never stands beside a file whose data was lost."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open a folder (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The training loss (or a trained parameter) became NaN or Inf; nothing non-finite was saved."""
+
+
+def _non_finite_message(what: str, step: int, output_dir) -> str:
+    last = complete_checkpoints(output_dir)
+    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+    return (f"{what} at step {step}; training stopped before saving anything from it ({where}). Lower the "
+            f"learning rate, or check the data and the adapter config.")
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop with a clear message when the loss becomes NaN or Inf; the last good checkpoint stays."""
+    """Stop with a clear message when a logged loss is NaN or Inf.
+
+    A backstop only: MultiTaskTrainer checks every step's loss before the optimizer step (the Trainer's
+    default ``logging_nan_inf_filter`` replaces a NaN step loss by the running mean, so a logged loss
+    stays finite while the parameters are NaN)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            last = complete_checkpoints(args.output_dir)
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            raise NonFiniteLossError(
-                f"training loss became {loss} at step {state.global_step}; stopping ({where}). Lower the "
-                f"learning rate or check the data.")
+            raise NonFiniteLossError(_non_finite_message(f"the logged training loss became {loss}",
+                                                         state.global_step, args.output_dir))
 
 
 class MultiTaskTrainer(Trainer):
@@ -95,6 +149,36 @@ class MultiTaskTrainer(Trainer):
             self.optimizer = torch.optim.AdamW(self._param_groups, lr=self.args.learning_rate,
                                                weight_decay=self.args.weight_decay)
         return super().create_optimizer()
+
+    # ------------------------------------------------------------------ non-finite losses
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._on_any_rank(not bool(torch.isfinite(loss))):
+            raise NonFiniteLossError(_non_finite_message(
+                f"the training loss became {float(loss)}", self.state.global_step + 1, self.args.output_dir))
+        return loss
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """``flag`` or'ed over the processes (one scalar all-reduce under DDP / FSDP), so that every rank
+        stops at the same step instead of the others waiting for the one that raised."""
+        if self.accelerator.num_processes <= 1 or not torch.distributed.is_initialized():
+            return flag
+        value = torch.tensor([float(flag)], device=self.args.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def _check_finite_parameters(self) -> None:
+        """Before a checkpoint is written: a finite loss can still give NaN gradients (and parameters)."""
+        bad = []
+        for name, param in self._unwrapped().named_parameters():
+            if param.requires_grad:
+                local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2 shards
+                if not bool(torch.isfinite(local.detach()).all()):
+                    bad.append(name)
+        if self._on_any_rank(bool(bad)):
+            raise NonFiniteLossError(_non_finite_message(
+                f"trained parameters became NaN or Inf ({', '.join(bad[:3]) or 'on another rank'})",
+                self.state.global_step, self.args.output_dir))
 
     # ------------------------------------------------------------------ aux losses in the logs
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -141,11 +225,20 @@ class MultiTaskTrainer(Trainer):
         self._unwrapped().save_pretrained(output_dir)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        self._check_finite_parameters()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate below, once this checkpoint is COMPLETE
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save and folder.is_dir():
+            _flush_to_disk(folder)
             atomic_write_bytes(folder / COMPLETE_MARKER, b"ok\n")
+            rotate_checkpoints(run_dir, limit, protect=self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_adapter_weights(self._unwrapped() if model is None else model, resume_from_checkpoint)
