@@ -23,7 +23,7 @@ def model_kind(name: str, kind: str | None) -> str:
         return "causal"
     if name == "minilm":
         return "encoder"
-    config = AutoConfig.from_pretrained(model_folder(name))
+    config = AutoConfig.from_pretrained(model_folder(name), trust_remote_code=False)
     archs = getattr(config, "architectures", None) or []
     return "causal" if any("CausalLM" in a for a in archs) else "encoder"
 
@@ -31,18 +31,20 @@ def model_kind(name: str, kind: str | None) -> str:
 def build_base(name: str, kind: str, tasks, seed: int = 0):
     """(model, tokenizer) for the run; ``tasks`` are loaded TaskData (heads need their label counts)."""
     folder = model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # trust_remote_code=False: a model folder's own Python code (auto_map) is refused with an error,
+    # never run; left unset, transformers asks on stdin, and a piped "y" would run it.
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if kind == "encoder":
         not_classification = [t.name for t in tasks if t.kind == "generation"]
         if not_classification:
             raise ValueError(
                 f"tasks {not_classification} are free-text tasks; an encoder model scores classes with one "
                 f"head per task. Use a causal model (model.name=smollm2) for free-text tasks.")
-        encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
         torch.manual_seed(seed)  # the heads' init
         model = MultiTaskEncoderClassifier(encoder, [t.num_labels for t in tasks], [t.name for t in tasks])
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -51,7 +51,7 @@ def remove_incomplete_checkpoints(output_dir) -> None:
     if not root.is_dir():
         return
     for path in root.glob("checkpoint-*"):
-        if path.is_dir() and not (path / COMPLETE_MARKER).exists():
+        if path.is_dir() and not path.is_symlink() and not (path / COMPLETE_MARKER).exists():
             shutil.rmtree(path)
 
 

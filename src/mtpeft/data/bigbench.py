@@ -102,6 +102,8 @@ class _Tarball:
                 if not name.startswith(MEMBER_PREFIX) or not member.isfile():
                     continue
                 rel = name[len(MEMBER_PREFIX):]
+                if rel.startswith("/") or ".." in rel.split("/"):
+                    continue  # a crafted member name would extract outside the cache ("../../x/task.json")
                 if rel.endswith("/task.json"):
                     task = rel[: -len("/task.json")]
                     tasks[task] = [member.offset_data, member.size]
