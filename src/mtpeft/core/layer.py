@@ -127,17 +127,27 @@ class AdaptedLayer(nn.Module):
         return self.merged_task is not _NOT_MERGED
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if not self.adapters_enabled:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         route = self.routing.route_for(x)
         if self.merged:
             self._check_merged_task(route)
-            return result
-        delta = self.adapter_forward(x.to(self.adapter_dtype), route)
-        # Add into the base output in place: the base Linear / Conv1D does not save its output for
-        # backward, so this saves one activation-sized allocation per adapted layer.
-        return result.add_(delta.to(result.dtype))
+            return self.base_layer(x, *args, **kwargs)
+        # An nn.Linear runs on the flattened rows, so its output is a fresh 2-D tensor rather than a
+        # view: the update can then be added in place (the base layer does not save its output for
+        # backward), saving an activation-sized allocation. In place on a *view* would instead make
+        # autograd clone the gradient and copy it back (CopySlices): several copies per layer.
+        flat = x.dim() > 2 and not args and not kwargs and type(self.base_layer) is nn.Linear
+        result = self.base_layer(x.reshape(-1, x.shape[-1]) if flat else x, *args, **kwargs)
+        result = self.add_delta(result, x.to(self.adapter_dtype), route)
+        return result.view(*x.shape[:-1], result.shape[-1]) if flat else result
+
+    def add_delta(self, result: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """result + adapter_forward(x, route), with result the base output (same rows as x, possibly
+        flattened to 2-D). In place when result is not a view. A method may override this to fuse its
+        last GEMM with the add (LoRA does: one addmm_ into the base output)."""
+        delta = self.adapter_forward(x, route).to(result.dtype).reshape(result.shape)
+        return result.add_(delta) if result._base is None else result + delta
 
     def _check_merged_task(self, route: Route) -> None:
         task = self.merged_task
