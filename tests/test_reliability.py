@@ -174,7 +174,7 @@ def test_task_ids_naming_another_task_than_the_merged_one():
     (-1, r"task=-1 is not a task of this adapter"),
     ("1", r"task='1' is not a task of this adapter"),
     (None, r"one adapter per task: pass task=t"),
-])
+], ids=["too_large", "negative", "string", "missing"])
 def test_bad_task_for_merge_and_export(tmp_path, task, match):
     model = wrapped()
     refused(lambda: model.merge(task=task), ValueError, match, model)
@@ -438,7 +438,7 @@ def test_merging_a_token_routed_method():
 @pytest.mark.parametrize("labels, match", [
     ([0, 5, 1, 0], r"label 5 does not fit task 'b', whose head has 3 classes \(labels 0..2\)"),
     ([0, 1, -1, 0], r"label -1 does not fit task 'a', whose head has 2 classes"),
-])
+], ids=["too_large", "negative"])
 def test_labels_out_of_range_at_the_model(labels, match):
     encoder = BUILDERS["bert"]()
     torch.manual_seed(0)
@@ -528,7 +528,7 @@ def test_bad_data_configs_fail_before_writing_anything(tiny, tmp_path, case):
     ({"method": "teamlor"}, r"unknown method 'teamlor'. Did you mean 'teamlora'"),
     ({"adapter": {"r": 0}}, r"r must be a positive integer"),
     ({"adapter": {"n_expert": 2}}, r"unknown config key adapter.'n_expert'. Did you mean 'n_experts'"),
-])
+], ids=["misspelt_section", "misspelt_key", "unknown_method", "bad_adapter_value", "misspelt_adapter_field"])
 def test_bad_run_configs(tiny, tmp_path, data, match):
     out = tmp_path / "run"
 

@@ -146,7 +146,7 @@ def test_a_pickle_beside_valid_safetensors_is_ignored(tmp_path):
     {"method": "task_lora", "n_tasks": 3, "target_modules": "__import__('os')"},
     {"method": "task_lora", "n_tasks": 3, "r": {"__reduce__": ["os.system", ["touch pwned"]]}},
     {"method": "task_lora", "n_tasks": 3, "__class__": "os.system"},
-])
+], ids=["code_as_method", "code_as_target_regex", "reduce_dict_as_field", "dunder_field"])
 def test_adapter_config_json_is_data_only(tmp_path, monkeypatch, config):
     """adapter_config.json is parsed as JSON into known fields of a known method: strings stay strings."""
     monkeypatch.chdir(tmp_path)
