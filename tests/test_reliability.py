@@ -576,7 +576,7 @@ def _assert_good_checkpoint(tiny, checkpoint: Path):
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     """Weights poisoned after step 3: the step-4 loss is NaN. Checked every step, before the optimizer
     update: with the old check at logging steps only (logging_steps=5) the run went on, saved NaN
-    checkpoints 4 and 6 (the Trainer's default logging_nan_inf_filter kept the logged loss finite) and
+    checkpoints 4, 6 and 8 (the Trainer's default logging_nan_inf_filter kept the logged loss finite) and
     finished with a NaN adapter."""
     out = tmp_path / "run"
     run = run_config_from_dict(run_dict(tiny, out, steps=8, save_steps=2, logging_steps=5,
