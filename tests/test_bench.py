@@ -163,3 +163,24 @@ def test_moelora_contrastive_through_the_gram_matrix_equals_normalised_outputs()
     loss = info_nce(cosine_from_gram(blocks, zero), experts, ok, 0.1)
     grads = torch.autograd.grad(loss, [blocks, zero])
     assert all(torch.isfinite(g).all() and g.abs().sum() == 0 for g in grads)
+
+
+def test_merged_layers_check_the_task_ids_once_per_tensor_but_see_in_place_changes():
+    """Merged layers skip the per-call task check for a task-id tensor already checked (generate's
+    decoding steps), yet an in-place change of that tensor is checked again."""
+    import mtpeft
+    from tiny_models import batch_for, tiny_llama
+
+    model = mtpeft.get_model(tiny_llama(), mtpeft.TaskLoraConfig(r=4, n_tasks=3))
+    model.merge(task=1)
+    batch = batch_for("llama")
+    ids = torch.ones(4, dtype=torch.long)
+    with torch.no_grad():
+        model(**batch, task_ids=ids)
+        model(**batch, task_ids=ids)
+        ids[2] = 0  # the same tensor, changed in place
+        with pytest.raises(ValueError, match="merged for task 1"):
+            model(**batch, task_ids=ids)
+        with pytest.raises(ValueError, match="merged for task 1"):
+            model(**batch, task_ids=torch.tensor([1, 2, 1, 1]))
+        model(**batch, task_ids=torch.ones(4, dtype=torch.long))
