@@ -142,25 +142,31 @@ def test_adapter_dropout_has_torch_dropouts_distribution():
     torch.testing.assert_close(y, F.dropout(x, 0.5, training=True))
 
 
-def test_moelora_contrastive_through_the_gram_matrix_equals_normalised_outputs():
-    from mtpeft.methods.moelora import cosine_from_gram, expert_contrastive_loss, info_nce
+def test_moelora_contrastive_from_blocks_equals_the_loss_on_normalised_outputs():
+    from mtpeft.methods.moelora import contrastive_loss_from_blocks, expert_contrastive_loss
 
     torch.manual_seed(0)
     m, e, r, d = 96, 8, 4, 40
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
-        z = torch.randn(m, r, dtype=dtype)
-        experts = torch.randint(0, e, (m,))
-        blocks = (F.one_hot(experts, e).to(dtype).unsqueeze(-1) * z.unsqueeze(1)).view(m, -1).requires_grad_()
-        b_cat = torch.randn(e * r, d, dtype=dtype, requires_grad=True)
-        ok = torch.rand(m) > 0.2
-        want = expert_contrastive_loss(blocks @ b_cat, experts, ok, 0.1)
-        got = info_nce(cosine_from_gram(blocks, b_cat), experts, ok, 0.1)
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-        for g_got, g_want in zip(torch.autograd.grad(got, [blocks, b_cat]), torch.autograd.grad(want, [blocks, b_cat])):
-            torch.testing.assert_close(g_got, g_want, atol=tol * 10, rtol=tol * 10)
-    zero = torch.zeros(e * r, d, requires_grad=True)  # B = 0 at init: finite, zero gradient
+        for ok_share in (0.8, 1.0, 0.03):  # some pairs unusable; all usable; anchors without positives
+            z = torch.randn(m, r, dtype=dtype)
+            experts = torch.randint(0, e, (m,))
+            one_hot = F.one_hot(experts, e).to(dtype).unsqueeze(-1)
+            blocks = (one_hot * z.unsqueeze(1)).view(m, -1).requires_grad_()
+            b_cat = torch.randn(e * r, d, dtype=dtype, requires_grad=True)
+            ok = torch.rand(m) < ok_share
+            want = expert_contrastive_loss(blocks @ b_cat, experts, ok, 0.1)
+            got = contrastive_loss_from_blocks(blocks, b_cat, experts, ok, 0.1, e)
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            g_got = torch.autograd.grad(got, [blocks, b_cat], allow_unused=True)
+            g_want = torch.autograd.grad(want, [blocks, b_cat], allow_unused=True)
+            for a, b in zip(g_got, g_want):
+                torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol * 10)
+    zero = torch.zeros(e * r, d, requires_grad=True)  # B = 0 at init: log(M - 1), finite, zero gradient
     blocks = blocks.detach().float().requires_grad_()
-    loss = info_nce(cosine_from_gram(blocks, zero), experts, ok, 0.1)
+    ok = torch.ones(m, dtype=torch.bool)
+    loss = contrastive_loss_from_blocks(blocks, zero, experts, ok, 0.1, e)
+    assert loss.item() == pytest.approx(math.log(m - 1), abs=1e-5)
     grads = torch.autograd.grad(loss, [blocks, zero])
     assert all(torch.isfinite(g).all() and g.abs().sum() == 0 for g in grads)
 

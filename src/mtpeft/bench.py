@@ -1054,8 +1054,14 @@ def summary(res: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = build_parser().parse_args(argv)
-    res = run(args)
+    threads = torch.get_num_threads()
+    try:
+        res = run(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
