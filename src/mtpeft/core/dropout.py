@@ -16,6 +16,10 @@ would make both mixed-dtype, which on CPU is several times slower) and autograd 
 (n floats, as torch's dropout). Shapes are static (positions past the end go to a spare slot that is
 cut off), so torch.compile traces it without graph breaks.
 
+:func:`dropout_linear` fuses the dropout with the linear map that follows it (a LoRA's A): the same
+dropped elements, but autograd keeps the input and the dropped positions rather than the dropped
+copy and its mask (8 bytes per input element and adapted layer).
+
 For p >= 0.5 the gaps save little: torch's own dropout is used (the same random stream as
 ``torch.nn.functional.dropout``). Draws come from torch's global generator, so seeding, gradient
 checkpointing's RNG restore and ``torch.manual_seed`` work as usual.
@@ -39,24 +43,89 @@ def _draw_count(n: int, p: float) -> int:
     return min(n + 1, int(mean + 10.0 * math.sqrt(mean * (1.0 - p)) + 10))
 
 
-def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """A dropout mask of ``shape``: 0 with probability p (i.i.d.), else 1/(1-p), in ``dtype``."""
-    n = math.prod(shape)
-    scale = 1.0 / (1.0 - p)
+def dropped_positions(n: int, p: float, device) -> torch.Tensor:
+    """Flat positions (int64) of the elements dropped out of n, each independently with probability p.
+    Entries equal to n are padding (overshoot past the end): index an (n + 1)-element buffer with them."""
     log_keep = math.log1p(-p)  # log(1 - p) < 0
-    mask = torch.full((n + 1,), scale, dtype=dtype, device=device)  # slot n: where overshoot lands
     start = torch.zeros((), dtype=torch.int64, device=device)
+    parts = []
     while True:
         u = torch.rand(_draw_count(n, p), dtype=torch.float64, device=device)  # U[0, 1)
         gaps = torch.floor(torch.log1p(-u) / log_keep).to(torch.int64) + 1  # Geometric(p) + 1, >= 1
         ends = start + torch.cumsum(gaps, 0)  # one past each dropped position
-        mask[(ends - 1).clamp_(max=n)] = 0.0
+        parts.append((ends - 1).clamp_(max=n))
         # Covered (the last drop lies at or past the end) except with probability < 1e-20. On CPU the
         # check is free, so draw more if needed (exact); elsewhere it would cost a device sync.
-        if mask.device.type != "cpu" or torch.compiler.is_compiling() or int(ends[-1]) > n:
+        if device_type(ends) != "cpu" or torch.compiler.is_compiling() or int(ends[-1]) > n:
             break
         start = ends[-1]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def device_type(t: torch.Tensor) -> str:
+    return t.device.type
+
+
+def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """A dropout mask of ``shape``: 0 with probability p (i.i.d.), else 1/(1-p), in ``dtype``."""
+    n = math.prod(shape)
+    mask = torch.full((n + 1,), 1.0 / (1.0 - p), dtype=dtype, device=device)  # slot n: padding
+    mask[dropped_positions(n, p, device)] = 0.0
     return mask[:n].view(shape)
+
+
+def _zeroed(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A copy of t (contiguous) with the flat positions ``pos`` set to 0 (padding entries land in a spare slot)."""
+    n = t.numel()
+    buf = torch.empty(n + 1, dtype=t.dtype, device=t.device)
+    buf[:n].view(t.shape).copy_(t)
+    buf[pos] = 0
+    return buf[:n].view(t.shape)
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """z = scale · (x with the flat positions ``pos`` zeroed) @ Wᵀ for x (N, d), W (r, d).
+
+    Autograd keeps x (the adapted layer's input, which a LoRA's A keeps anyway when there is no
+    dropout) and the dropped positions (~p·N·d int64), instead of the dropped copy and a float mask
+    (8 bytes per input element); backward rebuilds the dropped copy for W's gradient (one copy)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, pos, scale):
+        ctx.save_for_backward(x2d, weight, pos)
+        ctx.scale = scale
+        return (_zeroed(x2d, pos) @ weight.T).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, weight, pos = ctx.saved_tensors
+        grad = grad * ctx.scale  # (N, r)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            n = x2d.numel()
+            buf = torch.empty(n + 1, dtype=grad.dtype, device=grad.device)
+            torch.mm(grad, weight.to(grad.dtype), out=buf[:n].view(x2d.shape))
+            buf[pos] = 0  # the dropped inputs get no gradient
+            grad_x = buf[:n].view(x2d.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.T @ _zeroed(x2d, pos)  # (r, d)
+        return grad_x, grad_w, None, None
+
+
+def dropout_linear(dropout: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dropout(x) @ weight.T`` for x (..., d) and weight (r, d) -> (..., r), lean in memory.
+
+    With mtpeft's :class:`Dropout` in training (p < 0.5) this drops exactly the elements that
+    ``dropout(x)`` would drop from the same random state (same draws), so a loop reference that calls
+    ``dropout(x)`` sees the same mask; but autograd keeps x and the dropped positions instead of the
+    dropped copy and its mask. Otherwise it is ``dropout(x) @ weight.T``.
+    """
+    if not isinstance(dropout, Dropout) or not dropout.training or dropout.p == 0.0 or dropout.p >= SPARSE_BELOW:
+        return dropout(x) @ weight.T
+    x2d = x.reshape(-1, x.shape[-1])
+    pos = dropped_positions(x2d.numel(), dropout.p, x.device)
+    z = _DroppedLinear.apply(x2d, weight, pos, 1.0 / (1.0 - dropout.p))
+    return z.view(*x.shape[:-1], weight.shape[0])
 
 
 class Dropout(nn.Module):

@@ -28,6 +28,7 @@ from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_shared_block, router_dtype, router_probs,
                             switch_balance_loss)
+from ..core.dropout import dropout_linear
 from .lora import make_dropout
 
 
@@ -86,7 +87,7 @@ class HydraLoraLayer(TokenRoutedLayer):
     def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
         e, r = self.n_experts, self.r
-        z = self.dropout(x2d) @ self.lora_A.T  # (N, r): A once per token
+        z = dropout_linear(self.dropout, x2d, self.lora_A)  # (N, r): A once per token, on drop(x)
         probs = router_probs(x2d, self.router)  # (N, E) fp32, dense
         out = gate_shared_block(z, probs, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
         need_selected = route.record or (self._wants_aux(route) and self.config.balance_weight > 0)

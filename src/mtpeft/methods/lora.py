@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
 from ..core.context import Route
-from ..core.dropout import Dropout
+from ..core.dropout import Dropout, dropout_linear
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
 
@@ -63,7 +63,7 @@ class LoraLayer(AdaptedLayer):
         nn.init.zeros_(self.lora_B)
 
     def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        z = (self.dropout(x) @ self.lora_A.T) * self.scaling  # (..., r)
+        z = dropout_linear(self.dropout, x, self.lora_A) * self.scaling  # (..., r): drop(x) Aᵀ s
         return z @ self.lora_B.T  # (..., d_out)
 
     def add_delta(self, result: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
@@ -72,7 +72,7 @@ class LoraLayer(AdaptedLayer):
         own = type(self).adapter_forward is LoraLayer.adapter_forward and "adapter_forward" not in self.__dict__
         if not own or result.dim() != 2 or result._base is not None or result.dtype != self.lora_B.dtype:
             return super().add_delta(result, x, route)
-        z = (self.dropout(x) @ self.lora_A.T) * self.scaling  # (..., r)
+        z = dropout_linear(self.dropout, x, self.lora_A) * self.scaling  # (..., r)
         return result.addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.T)  # (N, d_out) += (N, r) (r, d_out)
 
     def lora_factors(self, task: int | None):

@@ -53,6 +53,7 @@ from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, router_dtype, router_probs, switch_balance_loss,
                             top_k_gates)
+from ..core.dropout import dropout_linear
 from .lora import make_dropout
 
 
@@ -213,7 +214,7 @@ class MoELoraLayer(TokenRoutedLayer):
         n, e, r = x2d.shape[0], self.n_experts, self.r
         probs = router_probs(x2d, self.router)  # (N, E) fp32
         gates, selected = top_k_gates(probs, self.top_k)  # (N, E), (N, E) bool
-        z = self.dropout(x2d) @ self.lora_A.view(e * r, -1).T  # (N, E·r): one GEMM for every expert's A
+        z = dropout_linear(self.dropout, x2d, self.lora_A.view(e * r, -1))  # (N, E·r): one GEMM, every expert's A
         zg = gate_expert_blocks(z, gates, self.scaling)  # (N, E·r)
         out = zg @ self.lora_B.view(e * r, -1)  # (N, d_out): one GEMM for every expert's B
         if self._wants_aux(route):

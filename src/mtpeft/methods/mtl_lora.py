@@ -43,6 +43,7 @@ from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
 from ..tasks_api import (UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter,
                          routing_table)
+from ..core.dropout import dropout_linear
 from .lora import make_dropout
 from .task_lora import require_task_ids
 
@@ -156,7 +157,7 @@ class MTLLoraLayer(AdaptedLayer):
         tasks, inverse = group_by_task(ids, self.n_tasks, self.config.unknown_task)  # (G,), (rows,)
         c = self.task_matrices(tasks)  # (G, d_out, r)
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, d_in)
-        z = (self.dropout(rows) @ self.lora_A.T) * self.scaling  # (rows, tokens, r), A computed once
+        z = dropout_linear(self.dropout, rows, self.lora_A) * self.scaling  # (rows, tokens, r), A computed once
         if c.shape[0] == 1:  # a single-task batch: no gather
             y = z @ c[0].T
         else:
