@@ -53,8 +53,10 @@ def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
     assert rows["lora_r8"]["peft_ref"] == "peft_lora_r8" and rows["lora_r8"]["vs_peft"] > 0
     assert rows["moelora"]["lora_ref"] == "lora_r32" and rows["moelora"]["vs_equal_rank_lora"] > 0
     assert rows["moelora"]["flop_predicted_vs_floor"] > rows["lora_r32"]["flop_predicted_vs_floor"] > 0
-    for name, samples in train["samples_s"].items():  # every sample kept, with its contention flag
-        assert len(samples) == len(train["contended"][name]) >= meta["repeats"]
+    assert all(g[0] == "floor" for g in train["groups"]) and ["floor", "lora_r8", "peft_lora_r8"] in train["groups"]
+    for timing in train["timings"]:  # every sample kept, with its contention flag
+        for name, samples in timing["samples_s"].items():
+            assert len(samples) == len(timing["contended"][name]) >= meta["repeats"]
 
     targets = {(t["target"], t["subject"]) for t in res["targets"]}
     assert ("lora_vs_floor", "minilm: lora_r8") in targets
@@ -140,6 +142,41 @@ def test_adapter_dropout_has_torch_dropouts_distribution():
     y = Dropout(0.5).train()(x)
     torch.manual_seed(2)
     torch.testing.assert_close(y, F.dropout(x, 0.5, training=True))
+
+
+def test_dropout_linear_drops_what_dropout_drops_and_keeps_less_for_backward():
+    from mtpeft.core.dropout import Dropout, dropout_linear
+
+    drop = Dropout(0.1).train()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        x = torch.randn(3, 50, 16, dtype=dtype, requires_grad=True)
+        w = torch.randn(4, 16, dtype=dtype, requires_grad=True)
+        g = torch.randn(3, 50, 4, dtype=dtype)
+        torch.manual_seed(5)
+        want = drop(x) @ w.T
+        grads_want = torch.autograd.grad(want, [x, w], g)
+        torch.manual_seed(5)  # the same draws: the same dropped elements
+        got = dropout_linear(drop, x, w)
+        grads_got = torch.autograd.grad(got, [x, w], g)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        for a, b in zip(grads_got, grads_want):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(4, 32, requires_grad=True)
+    for module in (Dropout(0.0), Dropout(0.1).eval(), torch.nn.Identity()):  # no dropout: x @ wᵀ
+        torch.testing.assert_close(dropout_linear(module, x, w), x @ w.T)
+
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dropout_linear(drop, x, w)
+    float_bytes = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
+    assert float_bytes == (x.numel() + w.numel()) * 4  # x itself and w; no dropped copy, no float mask
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
 
 
 def test_moelora_contrastive_from_blocks_equals_the_loss_on_normalised_outputs():

@@ -512,6 +512,24 @@ def trainable_count(model) -> int:
 # =============================================================================== train
 
 
+def train_groups(variants: list[Variant]) -> list[list[str]]:
+    """Small groups timed together: the floor, one method, and what it is compared with (its single-task
+    run, PEFT's counterpart, our LoRA of equal total rank). The machine's speed drifts by 10-20 % over
+    seconds here, so a ratio is most precise between steps run seconds apart, not a whole round apart."""
+    names = {v.name for v in variants}
+    groups = []
+    for v in variants:
+        if v.kind != "ours" or v.name.endswith("@single") or not (v.routing or v.peft_ref):
+            continue
+        group = ["floor", v.name] + [n for n in (v.name + "@single", v.peft_ref, v.lora_ref) if n and n in names]
+        groups.append(list(dict.fromkeys(group)))
+    covered = {n for g in groups for n in g}
+    rest = [v.name for v in variants if v.name not in covered]
+    if rest:
+        groups.append(["floor"] + rest)
+    return groups
+
+
 def bench_train(args) -> dict:
     torch = _torch()
     results: dict[str, Any] = {}
@@ -529,32 +547,47 @@ def bench_train(args) -> dict:
             torch.manual_seed(0)
             model = v.build(shared_copy(base)).train()
             step = train_step_fn(model, batch, v)
-            flops[v.name] = count_flops(step)
+            flops[v.name] = count_flops(step)  # also the first (warm-up) step
             params[v.name] = trainable_count(model)
             steps[v.name] = step
-        _log(args, f"train/{model_name}: {len(steps)} cases, batch {batch_size}x{seq}, {args.repeats} rounds")
-        t = interleaved(steps, repeats=args.repeats, warmup=args.warmup, extra_rounds=args.extra_rounds)
+            for _ in range(max(args.warmup - 1, 0)):
+                step()
+        groups = train_groups(variants)
+        _log(args, f"train/{model_name}: {len(steps)} cases in {len(groups)} groups, batch {batch_size}x{seq}, "
+                   f"{args.repeats} rounds")
+        timings = [interleaved({n: steps[n] for n in g}, repeats=args.repeats, warmup=1,
+                               extra_rounds=args.extra_rounds) for g in groups]
+        # Each case is reported from the group where it is the subject (else the first one holding it).
+        home = {}
+        for i, g in enumerate(groups):
+            home.setdefault(g[1], i)
+        for i, g in enumerate(groups):
+            for n in g:
+                home.setdefault(n, i)
         rows = []
         for v in variants:
+            gi = home[v.name]
+            t, group = timings[gi], groups[gi]
             row = {
                 "name": v.name, "kind": v.kind, "routing": v.routing, "task_batch": v.task_mode, "note": v.note,
-                "trainable_params": params[v.name], "median_s": _r(t.median(v.name), 4),
+                "group": gi, "trainable_params": params[v.name], "median_s": _r(t.median(v.name), 4),
                 "spread": _r(t.spread(v.name)), "clean_samples": t.clean_count(v.name),
                 "vs_floor": _r(t.ratio(v.name, "floor")),
                 "flop_predicted_vs_floor": _r(flops[v.name] / flops["floor"]), "gflops": _r(flops[v.name] / 1e9, 2),
             }
-            if v.lora_ref and v.lora_ref in steps:
+            if v.lora_ref and v.lora_ref in group:
                 row["lora_ref"] = v.lora_ref
                 row["vs_equal_rank_lora"] = _r(t.ratio(v.name, v.lora_ref))
                 row["flop_predicted_vs_equal_rank_lora"] = _r(flops[v.name] / flops[v.lora_ref])
-            if v.peft_ref and v.peft_ref in steps:
+            if v.peft_ref and v.peft_ref in group:
                 row["peft_ref"] = v.peft_ref
                 row["vs_peft"] = _r(t.ratio(v.name, v.peft_ref))
             single = v.name + "@single"
-            if single in steps:
+            if single in group:
                 row["mixed_vs_single"] = _r(t.ratio(v.name, single))
             rows.append(row)
-        results[model_name] = {"batch": [batch_size, seq], "rows": rows, **_raw(t)}
+        results[model_name] = {"batch": [batch_size, seq], "rows": rows, "groups": groups,
+                               "timings": [_raw(t) for t in timings]}
         del steps, base
         gc.collect()
     return results
@@ -1045,7 +1078,8 @@ def summary(res: dict) -> dict:
     def strip(obj):
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items()
-                    if k not in ("samples_s", "contended", "foreign_cpu_share", "calls_per_sample", "generate")}
+                    if k not in ("samples_s", "contended", "foreign_cpu_share", "calls_per_sample", "generate",
+                                 "timings")}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
