@@ -4,7 +4,7 @@ parameters, time per step).
 
 A study config::
 
-    output_dir: runs/study-encoder
+    output_dir: results/study-encoder
     seeds: [0, 1, 2]
     base: {model: ..., data: ..., train: ...}     # a run config without method / adapter
     methods:
@@ -94,6 +94,8 @@ def run_study(study: dict, log=print) -> Path:
     table = summarise(runs)
     write_json(root / "results.json", table)
     (root / "results.md").write_text(results_markdown(table) + "\n")
+    if table:
+        plot_results(table, root / "results.png")
     return root
 
 
@@ -139,6 +141,32 @@ def results_markdown(table: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * avg['mean']:.1f} ± {100 * avg['std']:.1f} | "
                      f"{row['trainable_parameters']:,} | {row['seconds_per_step']:.3f} | {len(row['seeds'])} |")
     return "\n".join(lines)
+
+
+def plot_results(table: dict, path: Path) -> None:
+    """One group of bars per task (and the average), one bar per method, the seeds' std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(dict.fromkeys(t for row in table.values() for t in row["tasks"]))
+    columns = tasks + ["average"]
+    width = 0.85 / len(table)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(columns)), 4.2))
+    for i, (label, row) in enumerate(table.items()):
+        cells = [row["tasks"].get(t) for t in tasks] + [row["average"]]
+        means = [c["mean"] if c else np.nan for c in cells]
+        stds = [c["std"] if c else 0.0 for c in cells]
+        ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=stds, capsize=1.5, label=label)
+    ax.set_xticks(np.arange(len(columns)) + width * (len(table) - 1) / 2, columns, rotation=15, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test score (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
