@@ -23,6 +23,7 @@ def test_study_runs_summarises_and_resumes(tmp_path):
     assert set(table["single"]["tasks"]) == {"intent_recognition", "social_iqa"}  # one run per task
     assert (root / "single-social_iqa-seed0" / "metrics.json").exists()
     assert "| mhr |" in (root / "results.md").read_text()
+    assert (root / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bar plot
     # social_iqa is multiple choice: the encoder scores option letters
     run_config = yaml.safe_load((root / "mhr-seed0" / "config.yaml").read_text())
     assert run_config["adapter"]["n_splits"] == 2
@@ -45,3 +46,21 @@ def test_shipped_study_configs_plan_every_method():
     assert len(encoder) == 3 * (10 + 5)  # 3 seeds x (10 methods + one single-task run per task)
     for planned in encoder + planned_runs(load_study(root / "study-causal.yaml")):
         run_config_from_dict(planned["config"])  # every planned run is a valid run config
+
+
+def test_cli_hands_study_and_bench_their_own_options(capsys):
+    """`mtpeft bench --quick` / `mtpeft study --help`: a remainder starting with an option reaches the
+    sub-command's parser (argparse.REMAINDER alone refuses it)."""
+    import pytest
+
+    from mtpeft.cli import main
+
+    for command in ("study", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: mtpeft {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--no-such-option"])
+    assert exit_info.value.code == 2
+    assert "--no-such-option" in capsys.readouterr().err

@@ -79,6 +79,22 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message names the problem and the fix: printed as one line, not a traceback.
+    (Evaluated when an error is raised; the trainer's error is looked up only once its module is
+    loaded, so that `mtpeft --help` does not import torch.)"""
+    from .assets import AssetMissingError
+
+    errors = [ValueError, FileNotFoundError, KeyError, TypeError, AssetMissingError]
+    trainer = sys.modules.get("mtpeft.trainer")
+    if trainer is not None:
+        errors.append(trainer.NonFiniteLossError)
+    return tuple(errors)
+
+
+_PASS_THROUGH = {"study": cmd_study, "bench": cmd_bench}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,13 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASS_THROUGH:
+        # argparse.REMAINDER refuses a remainder that starts with an option (`mtpeft bench --quick`):
+        # these sub-commands parse their own arguments, so hand them everything after their name.
+        command, func = argv[0], _PASS_THROUGH[argv[0]]
+        args = argparse.Namespace(command=command, func=func, **{f"{command}_args": argv[1:]})
+    else:
+        args = build_parser().parse_args(argv)
     if args.command == "train" and args.config is not None and "=" in args.config:
         args.overrides.insert(0, args.config)  # `mtpeft train train.steps=5`: overrides on the default
         args.config = None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except _user_errors() as err:
         if os.environ.get("MTPEFT_DEBUG"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
