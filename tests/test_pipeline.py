@@ -78,6 +78,12 @@ def test_overrides_parse_yaml_values(tmp_path):
     cfg.write_text(yaml.safe_dump({"method": "lora", "train": {"steps": 5}}))
     run = load_run_config(cfg, ["train.steps=7", "adapter.r=4", "data.tasks=[bbc_news]"])
     assert run.train.steps == 7 and run.adapter == {"r": 4} and run.data.tasks == ["bbc_news"]
+    # YAML 1.1 reads 1e-4 (no dot) as a string: number fields take it as the number it spells.
+    cfg.write_text("method: lora\ntrain: {lr: 1e-4, steps: 5}\nadapter: {lora_dropout: 5e-2}\n")
+    run = load_run_config(cfg, ["train.weight_decay=1e-2"])
+    assert run.train.lr == 1e-4 and run.train.weight_decay == 1e-2 and isinstance(run.train.lr, float)
+    from mtpeft.config import AdapterConfig
+    assert AdapterConfig.from_dict({"method": "lora", **run.adapter}).lora_dropout == 0.05
 
 
 def mtpeft_cli(*args, cwd):

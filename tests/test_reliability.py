@@ -31,12 +31,7 @@ from mtpeft.run_config import run_config_from_dict
 from mtpeft.trainer import MultiTaskTrainer, NonFiniteLossError, complete_checkpoints
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ----------------------------------------------------------------------------------- "nothing changed"
@@ -528,7 +523,11 @@ def test_bad_data_configs_fail_before_writing_anything(tiny, tmp_path, case):
     ({"method": "teamlor"}, r"unknown method 'teamlor'. Did you mean 'teamlora'"),
     ({"adapter": {"r": 0}}, r"r must be a positive integer"),
     ({"adapter": {"n_expert": 2}}, r"unknown config key adapter.'n_expert'. Did you mean 'n_experts'"),
-], ids=["misspelt_section", "misspelt_key", "unknown_method", "bad_adapter_value", "misspelt_adapter_field"])
+    ({"train": {"steps": "many"}}, r"train.steps must be an integer, got 'many'"),
+    ({"train": {"lr": [0.1]}}, r"train.lr must be a number, got \[0.1\]"),
+    ({"adapter": {"lora_dropout": "high"}}, r"adapter.lora_dropout must be a number, got 'high'"),
+], ids=["misspelt_section", "misspelt_key", "unknown_method", "bad_adapter_value", "misspelt_adapter_field",
+        "steps_not_a_number", "lr_not_a_number", "adapter_field_not_a_number"])
 def test_bad_run_configs(tiny, tmp_path, data, match):
     out = tmp_path / "run"
 
@@ -610,6 +609,23 @@ def test_inf_loss_stops_training(tiny, tmp_path, monkeypatch):
             r"the training loss became inf at step 3.*last good checkpoint is .*checkpoint-2", tiny[0])
     assert complete_checkpoints(out) == [out / "checkpoint-2"]
     _assert_good_checkpoint(tiny, out / "checkpoint-2")
+
+
+def test_cli_reports_a_diverged_run_in_one_line(tiny, tmp_path, capsys):
+    """`mtpeft train` with a learning rate that blows the weights up: exit code 2 and the trainer's
+    message, not a traceback; the checkpoint before the divergence stays."""
+    import yaml
+
+    from mtpeft.cli import main
+
+    out = tmp_path / "run"
+    config = tmp_path / "diverge.yaml"
+    config.write_text(yaml.safe_dump(run_dict(tiny, out, steps=6, save_steps=1, logging_steps=5)))
+    assert main(["train", str(config), "train.lr=1e30", "train.warmup_ratio=0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "mtpeft train: error: " in err and "Lower the learning rate" in err
+    assert complete_checkpoints(out) and not (out / "adapter").exists()
 
 
 def test_non_finite_parameters_are_never_saved(tiny, tmp_path):

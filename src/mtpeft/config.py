@@ -93,12 +93,34 @@ class AdapterConfig:
         for key in data:
             if key not in known:
                 raise unknown_key_error(config_cls.__name__, key, known)
-        return config_cls(**data)
+        return config_cls(**coerce_numbers(config_cls.__name__, config_cls, data))
 
     # ------------------------------------------------------------------ aux losses
     def aux_loss_weights(self) -> dict[str, float]:
         """Name -> weight of the aux losses this method adds (empty for most)."""
         return {}
+
+
+def coerce_numbers(owner: str, cls, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its number fields (annotated ``int`` / ``float``, optionally ``| None``) as numbers.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as the string "1e-4": a float field accepts such a string; any
+    other value that is not a number is a clear error naming the key, not a TypeError deep inside."""
+    kinds = {f.name: str(f.type).split("|")[0].strip() for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for key, value in data.items():
+        kind = kinds.get(key)
+        if kind not in ("int", "float") or value is None or isinstance(value, bool):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kind == "int" and not number.is_integer()):
+            raise ValueError(f"{owner}.{key} must be {'an integer' if kind == 'int' else 'a number'}, "
+                             f"got {value!r}.")
+        out[key] = int(number) if kind == "int" else (value if isinstance(value, (int, float)) else number)
+    return out
 
 
 # ---------------------------------------------------------------------- registry
