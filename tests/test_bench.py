@@ -15,20 +15,10 @@ from mtpeft import bench
 from mtpeft.cli import main as cli_main
 
 
-def _minilm_or_skip():
-    from mtpeft.assets import AssetMissingError, minilm_path
-
-    try:
-        minilm_path()
-    except AssetMissingError as err:  # pragma: no cover - the asset is installed in CI
-        pytest.skip(str(err))
-
-
 # ------------------------------------------------------------------------------- smoke: --quick
 
 
 def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
-    _minilm_or_skip()
     out = tmp_path / "quick.json"
     assert cli_main(["bench", "layer", "train", "--quick", "--silent", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -67,9 +57,15 @@ def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train step, minilm" in printed and "targets" in printed
 
+    # The saved JSON re-renders without measuring, also as markdown (what docs/performance.md holds).
+    assert bench.main(["--show", str(out), "--markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert "**train step, minilm 4x64" in markdown and "| name | median s | vs floor |" in markdown
+    lora = rows["lora_r8"]
+    assert f"| lora_r8 | {lora['median_s']:.3f} | {lora['vs_floor']:.3f} |" in markdown
+
 
 def test_quick_infer_and_memory(tmp_path):
-    _minilm_or_skip()
     out = tmp_path / "quick.json"
     assert bench.main(["infer", "memory", "--quick", "--silent", "--json", "--out", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -963,58 +963,61 @@ def evaluate_targets(res: dict) -> list[dict]:
     return out
 
 
+def _fmt(v) -> str:
+    return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Every result table as (title, column names, formatted rows): one source for the terminal and
+    the markdown renderings."""
+    out = []
+
+    def add(title, cols, rows):
+        out.append((title, [c.replace("_", " ") for c in cols], [[_fmt(r.get(c)) for c in cols] for r in rows]))
+
+    for model, data in res.get("train", {}).items():
+        add(f"train step, {model} {data['batch'][0]}x{data['batch'][1]} (ratios: median of per-round ratios)",
+            ["name", "median_s", "vs_floor", "flop_predicted_vs_floor", "lora_ref", "vs_equal_rank_lora",
+             "flop_predicted_vs_equal_rank_lora", "vs_peft", "mixed_vs_single", "trainable_params"], data["rows"])
+    if res.get("layer", {}).get("rows"):
+        add("layer level: forward + backward, whole adapted layer (and adapter only)",
+            ["method", "d", "E", "r", "lora_rank", "fast_ms", "ref_ms", "lora_ms", "base_ms", "ref_vs_fast",
+             "fast_vs_lora", "adapter_ref_vs_fast", "adapter_fast_vs_lora"], res["layer"]["rows"])
+    for model, data in res.get("infer", {}).items():
+        add(f"inference, {model} {data['batch'][0]}x{data['batch'][1]}",
+            ["name", "mode", "median_s", "vs_base", "vs_peft_mixed"], data["rows"])
+    for model, data in res.get("memory", {}).items():
+        add(f"peak training memory, {model} {data['batch'][0]}x{data['batch'][1]}",
+            ["name", "step_peak_mb", "peak_rss_mb", "lora_ref", "step_peak_vs_lora", "peak_rss_vs_lora"],
+            data["rows"])
+    if res.get("targets"):
+        out.append(("targets", ["target", "subject", "value", "bound", "met"],
+                    [[t["target"], t["subject"], _fmt(t["value"]), t["bound"], "yes" if t["met"] else "NO"]
+                     for t in res["targets"]]))
+    return out
+
+
 def print_tables(res: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=200)
-
-    def fmt(v):
-        return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-
-    for model, data in res.get("train", {}).items():
-        tab = Table(title=f"train step, {model} {data['batch'][0]}x{data['batch'][1]} (ratios: median of per-round ratios)")
-        cols = ["name", "median_s", "vs_floor", "flop_predicted_vs_floor", "lora_ref", "vs_equal_rank_lora",
-                "flop_predicted_vs_equal_rank_lora", "vs_peft", "mixed_vs_single", "trainable_params"]
+    for title, cols, rows in tables(res):
+        tab = Table(title=title)
         for c in cols:
-            tab.add_column(c.replace("_", " "), justify="left" if c in ("name", "lora_ref") else "right")
-        for r in data["rows"]:
-            tab.add_row(*[fmt(r.get(c)) for c in cols])
-        console.print(tab)
-    layer = res.get("layer", {}).get("rows", [])
-    if layer:
-        tab = Table(title="layer level: forward + backward, whole adapted layer (and adapter only)")
-        cols = ["method", "d", "E", "r", "lora_rank", "fast_ms", "ref_ms", "lora_ms", "base_ms", "ref_vs_fast",
-                "fast_vs_lora", "adapter_ref_vs_fast", "adapter_fast_vs_lora"]
-        for c in cols:
-            tab.add_column(c.replace("_", " "), justify="left" if c == "method" else "right")
-        for r in layer:
-            tab.add_row(*[fmt(r.get(c)) for c in cols])
-        console.print(tab)
-    for model, data in res.get("infer", {}).items():
-        tab = Table(title=f"inference, {model} {data['batch'][0]}x{data['batch'][1]}")
-        cols = ["name", "mode", "median_s", "vs_base", "vs_peft_mixed"]
-        for c in cols:
-            tab.add_column(c.replace("_", " "), justify="left" if c in ("name", "mode") else "right")
-        for r in data["rows"]:
-            tab.add_row(*[fmt(r.get(c)) for c in cols])
-        console.print(tab)
-    for model, data in res.get("memory", {}).items():
-        tab = Table(title=f"peak training memory, {model} {data['batch'][0]}x{data['batch'][1]}")
-        cols = ["name", "step_peak_mb", "peak_rss_mb", "lora_ref", "step_peak_vs_lora", "peak_rss_vs_lora"]
-        for c in cols:
-            tab.add_column(c.replace("_", " "), justify="left" if c in ("name", "lora_ref") else "right")
-        for r in data["rows"]:
-            tab.add_row(*[fmt(r.get(c)) for c in cols])
-        console.print(tab)
-    targets = res.get("targets", [])
-    if targets:
-        tab = Table(title="targets")
-        for c in ("target", "subject", "value", "bound", "met"):
             tab.add_column(c)
-        for t in targets:
-            tab.add_row(t["target"], t["subject"], fmt(t["value"]), t["bound"], "yes" if t["met"] else "NO")
+        for row in rows:
+            tab.add_row(*row)
         console.print(tab)
+
+
+def markdown_tables(res: dict) -> str:
+    parts = []
+    for title, cols, rows in tables(res):
+        lines = [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 def _log(args, msg: str) -> None:
@@ -1041,6 +1044,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the full results (with every sample) as JSON here")
     p.add_argument("--json", action="store_true", help="print the full results as JSON instead of the tables")
     p.add_argument("--silent", action="store_true", help="no progress messages on stderr")
+    p.add_argument("--show", default=None, metavar="FILE.json",
+                   help="print the tables of a saved run (--out) instead of measuring")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return p
 
 
@@ -1091,6 +1097,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = build_parser().parse_args(argv)
+    if args.show:
+        res = json.loads(Path(args.show).read_text())
+        print(markdown_tables(res) if args.markdown else "", end="")
+        if not args.markdown:
+            print_tables(res)
+        return 0
     threads = torch.get_num_threads()
     try:
         res = run(args)
@@ -1103,6 +1115,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(args, f"wrote {path}")
     if args.json:
         print(json.dumps(summary(res), indent=1))
+    elif args.markdown:
+        print(markdown_tables(res), end="")
     else:
         print_tables(res)
         print(json.dumps({"meta": res["meta"], "targets": res["targets"]}, indent=1))
