@@ -10,6 +10,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests in sub-folders can `import tiny_models`
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for the test (exact, repeatable sums; two suites sharing the machine don't
+    wait on each other's OpenMP threads); the previous setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -27,12 +27,7 @@ from mtpeft.io import AdapterFileError, load_adapter_weights
 SRC = Path(mtpeft.__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Payload:
