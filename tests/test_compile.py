@@ -38,7 +38,9 @@ TOLERANCE = {"aot_eager": dict(atol=1e-6, rtol=1e-5), "inductor": dict(atol=1e-4
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(monkeypatch):
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 16)
+    # recompile_limit, not its alias cache_size_limit: in a fresh venv (CI) the alias was gone after the
+    # first test's monkeypatch teardown, and every later test failed with an AttributeError
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 16)
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)
