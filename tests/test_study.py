@@ -27,6 +27,12 @@ def test_study_runs_summarises_and_resumes(tmp_path):
     # social_iqa is multiple choice: the encoder scores option letters
     run_config = yaml.safe_load((root / "mhr-seed0" / "config.yaml").read_text())
     assert run_config["adapter"]["n_splits"] == 2
+    # --summary-only: the table of what is finished, nothing trained (a second seed is planned, not run)
+    from mtpeft.study import main as study_main
+
+    assert study_main([str(config), "seeds=[0,1]", "--summary-only"]) == 0
+    assert not (root / "mhr-seed1").exists()
+    assert json.loads((root / "results.json").read_text())["mhr"]["seeds"] == [0]
     before = (root / "mhr-seed0" / "metrics.json").stat().st_mtime_ns
     run_study(study, log=lambda *a: None)  # resumable: finished runs are skipped
     assert (root / "mhr-seed0" / "metrics.json").stat().st_mtime_ns == before

@@ -79,11 +79,13 @@ def planned_runs(study: dict) -> list[dict]:
     return runs
 
 
-def run_study(study: dict, log=print) -> Path:
+def run_study(study: dict, log=print, train: bool = True) -> Path:
+    """Train every planned run that has no metrics.json yet (``train=False``: none), then write the
+    table of the finished ones."""
     root = Path(study["output_dir"])
     root.mkdir(parents=True, exist_ok=True)
     runs = planned_runs(study)
-    for i, planned in enumerate(runs, 1):
+    for i, planned in enumerate(runs if train else [], 1):
         out = Path(planned["config"]["output_dir"])
         if (out / "metrics.json").exists():
             continue
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtpeft study", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="study YAML (see configs/study-*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0]")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: write the table of the runs finished so far")
     args = parser.parse_args(argv)
-    root = run_study(load_study(args.config, args.overrides))
+    root = run_study(load_study(args.config, args.overrides), train=not args.summary_only)
     print((root / "results.md").read_text())
     return 0
