@@ -36,18 +36,15 @@ TOLERANCE = {"aot_eager": dict(atol=1e-6, rtol=1e-5), "inductor": dict(atol=1e-4
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo(one_thread):  # tiny shapes: threads only add noise on a shared machine
     # torch's own config.patch, not monkeypatch: newer pytest restores a module attribute it did not find
     # in the module's __dict__ by deleting it, and torch's config modules keep their values elsewhere, so
     # the first test's teardown deleted the setting and every later test failed (seen in a fresh venv)
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: threads only add noise on a shared machine
     with torch._dynamo.config.patch(recompile_limit=16), inductor_config.patch(fallback_random=True):
         yield
-    torch.set_num_threads(threads)
     torch._dynamo.reset()
 
 

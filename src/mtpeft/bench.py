@@ -1097,22 +1097,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = build_parser().parse_args(argv)
-    if args.show:
+    if args.show:  # a saved run: the same printing, no measuring
         res = json.loads(Path(args.show).read_text())
-        print(markdown_tables(res) if args.markdown else "", end="")
-        if not args.markdown:
-            print_tables(res)
-        return 0
-    threads = torch.get_num_threads()
-    try:
-        res = run(args)
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1) + "\n")
-        _log(args, f"wrote {path}")
+    else:
+        threads = torch.get_num_threads()
+        try:
+            res = run(args)
+        finally:
+            torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
+        if args.out:
+            path = Path(args.out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res, indent=1) + "\n")
+            _log(args, f"wrote {path}")
     if args.json:
         print(json.dumps(summary(res), indent=1))
     elif args.markdown:

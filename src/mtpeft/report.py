@@ -43,22 +43,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def plot_scores(runs: list[dict], path: Path) -> None:
-    tasks = list(dict.fromkeys(t for r in runs for t in r["metrics"]["tasks"])) + ["average"]
-    width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
-    for i, run in enumerate(runs):
-        scores = [run["metrics"]["tasks"].get(t, {}).get("score", np.nan) for t in tasks[:-1]]
-        scores.append(run["metrics"]["average"])
-        ax.bar(np.arange(len(tasks)) + i * width, scores, width, label=run["label"])
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(runs) - 1) / 2, tasks, rotation=20, ha="right")
+def plot_bar_groups(columns: list[str], bars: dict[str, tuple[list[float], list[float] | None]], path: Path,
+                    ylabel: str, title: str | None = None) -> None:
+    """One group of bars per column, one bar per label (``bars``: label -> (heights, error bars or None));
+    NaN heights leave a gap. Scores live in [0, 1]."""
+    width = 0.85 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(columns)), 4.2))
+    for i, (label, (heights, errors)) in enumerate(bars.items()):
+        ax.bar(np.arange(len(columns)) + i * width, heights, width, yerr=errors, capsize=1.5 if errors else 0,
+               label=label)
+    ax.set_xticks(np.arange(len(columns)) + width * (len(bars) - 1) / 2, columns, rotation=15, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title("per-task test score")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_scores(runs: list[dict], path: Path) -> None:
+    tasks = list(dict.fromkeys(t for r in runs for t in r["metrics"]["tasks"]))
+    bars = {run["label"]: ([run["metrics"]["tasks"].get(t, {}).get("score", np.nan) for t in tasks]
+                           + [run["metrics"]["average"]], None) for run in runs}
+    plot_bar_groups(tasks + ["average"], bars, path, ylabel="score", title="per-task test score")
 
 
 def plot_losses(runs: list[dict], path: Path) -> None:

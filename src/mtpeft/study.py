@@ -147,28 +147,14 @@ def results_markdown(table: dict) -> str:
 
 def plot_results(table: dict, path: Path) -> None:
     """One group of bars per task (and the average), one bar per method, the seeds' std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from .report import plot_bar_groups
 
     tasks = list(dict.fromkeys(t for row in table.values() for t in row["tasks"]))
-    columns = tasks + ["average"]
-    width = 0.85 / len(table)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(columns)), 4.2))
-    for i, (label, row) in enumerate(table.items()):
+    bars = {}
+    for label, row in table.items():
         cells = [row["tasks"].get(t) for t in tasks] + [row["average"]]
-        means = [c["mean"] if c else np.nan for c in cells]
-        stds = [c["std"] if c else 0.0 for c in cells]
-        ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=stds, capsize=1.5, label=label)
-    ax.set_xticks(np.arange(len(columns)) + width * (len(table) - 1) / 2, columns, rotation=15, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test score (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        bars[label] = ([c["mean"] if c else float("nan") for c in cells], [c["std"] if c else 0.0 for c in cells])
+    plot_bar_groups(tasks + ["average"], bars, path, ylabel="test score (mean ± std over seeds)")
 
 
 def main(argv: list[str] | None = None) -> int:
