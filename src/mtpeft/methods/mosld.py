@@ -125,7 +125,9 @@ class MoSLDLayer(TokenRoutedLayer):
         p = self.dropconnect
         if not self.training or p == 0:
             return self.lora_A
-        keep = torch.rand_like(self.lora_A) >= p  # Bernoulli(1 − p), A's shape
+        # Uniforms in fp32 whatever A's dtype: bf16 uniforms are coarse (steps of 2^-9 near 1), and the same
+        # seed then draws the same mask in fp32 and bf16.
+        keep = torch.rand(self.lora_A.shape, device=self.lora_A.device) >= p  # Bernoulli(1 − p), A's shape
         return self.lora_A * keep.to(self.lora_A.dtype) / (1.0 - p)
 
     # ------------------------------------------------------------------ fast path
