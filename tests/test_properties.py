@@ -16,14 +16,23 @@ rows sharing their example's task id. Dropout / DropConnect / Gumbel noise are d
 on both sides. Gradients: of ``sum(output · cotangent)`` w.r.t. x and every adapter parameter.
 
 Tolerances. fp32: outputs atol = rtol = 1e-5; gradients rtol 1e-4 and atol 1e-5 times the case's largest
-gradient (a gradient sums up to ~70 rows of terms that large, and some are 0 only by cancellation). bf16 (adapter and base in bf16, fast bf16 vs reference bf16): both sides round every
-intermediate to 8 significant bits (unit roundoff u = 2^-8) but in different orders: the fast path
-rounds a stacked GEMM's output once, the loop rounds after every expert / skill / split it adds (up to
-~8), and the two associate the scale and mixing differently. So the difference is bounded by roughly
-(number of roundings in series) · u · (magnitude of the values summed): we allow 16·u = 1/16 of the
-largest magnitude of the compared tensor (norm-wise, max |fast − ref| <= max|ref| / 16), which is
-about twice the largest difference observed over several thousand random cases; fp32 uses the
-element-wise bound above.
+gradient (a gradient sums up to ~70 rows of terms that large, and some are 0 only by cancellation).
+
+bf16 (adapter and base in bf16, fast bf16 vs loop bf16, so both route the same tokens to the same experts
+and draw the same masks): both round every intermediate to 8 significant bits (unit roundoff u = 2^-8) in
+different orders (the fast path rounds a stacked GEMM's output once, the loop after every expert / skill /
+split it adds), so they differ by roughly (number of roundings in series) · u · (magnitude of the values
+summed). That magnitude can be far above the result's: CI once found d_out = 1 where experts' terms of ±56
+summed to 1.7 and a base output of -0.97 cancelled half of that, and the two orders differed by 0.28. The
+magnitude is measured as the classic running-error bound does: the same computation in fp32 on |weights|
+and |x| (and |cotangent| for gradients), whose result bounds the sum of the absolute values of the terms.
+The fast path passes when max |fast − loop| <= 8·u · max |that magnitude| (for a gradient, the case's
+largest): over 13,500 random cases (1,500 per method, ``MTPEFT_EXPLORE=1500``) the largest ratio seen was
+2.8 for outputs and 3.5 for gradients. A wrong fast path differs by the size of the result in cases
+without cancellation, which are most; the fp32 property is the exact check.
+
+The cases are derandomized (the same ones on every run, so CI cannot fail on a case no one has seen);
+``MTPEFT_EXPLORE=N`` draws N fresh cases per test to look for new counterexamples.
 
 The padding mask does not change outputs; it changes the balance losses, checked against a loop over
 the real tokens only (``test_balance_losses_ignore_padding``).
@@ -32,6 +41,7 @@ the real tokens only (``test_balance_losses_ignore_padding``).
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, defaultdict
 
 import pytest
@@ -45,9 +55,9 @@ from mtpeft.config import get_config_class, get_layer_class
 from mtpeft.core.context import RoutingState
 
 U_BF16 = 2.0 ** -8
-BF16_FACTOR = 16
+BF16_FACTOR = 8
 EXAMPLES: Counter = Counter()
-RATIOS: dict = defaultdict(list)  # bf16 |fast - ref| / (u · scale) per kind, to calibrate BF16_FACTOR
+RATIOS: dict = defaultdict(list)  # bf16 error / allowed error per kind, to calibrate BF16_FACTOR
 MIN_EXAMPLES = 500
 
 TASK_ROUTED = ["lora", "task_lora", "mtl_lora", "poly", "cpoly"]
@@ -57,7 +67,11 @@ PER_METHOD = {torch.float32: 64, torch.bfloat16: 48}  # 9 methods x 112 = 1008 c
 
 
 def property_settings(n: int):
-    return settings(max_examples=n, deadline=None, database=None, derandomize=False, print_blob=True,
+    """Derandomized, so CI checks the same cases on every run; ``MTPEFT_EXPLORE=N`` draws N fresh random
+    cases per test instead (to look for new counterexamples before a change lands)."""
+    explore = int(os.environ.get("MTPEFT_EXPLORE", "0"))
+    return settings(max_examples=explore or n, deadline=None, database=None, derandomize=not explore,
+                    print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -268,47 +282,76 @@ REFERENCES = {"lora": ref_lora, "task_lora": ref_task_lora, "mtl_lora": ref_mtl_
 
 
 # ----------------------------------------------------------------------------------- comparison
-def assert_close(fast: torch.Tensor, ref: torch.Tensor, dtype, what: str, grad_scale: float | None = None) -> None:
-    """fp32: element-wise; for a gradient, atol is 1e-5 of the case's largest gradient (``grad_scale``).
-    bf16: norm-wise, max |fast - ref| <= 16·u·max |ref| (for a gradient: 16·u·the case's largest gradient)."""
+def assert_close(fast: torch.Tensor, ref: torch.Tensor, what: str, grad_scale: float | None = None) -> None:
+    """fp32, element-wise; for a gradient, atol is 1e-5 of the case's largest gradient (``grad_scale``)."""
     assert fast.shape == ref.shape and fast.dtype == ref.dtype, (what, fast.shape, ref.shape, fast.dtype, ref.dtype)
-    if dtype == torch.float32:
-        if grad_scale is None:
-            tol = dict(atol=1e-5, rtol=1e-5)
-        else:
-            tol = dict(atol=1e-5 * max(1.0, grad_scale), rtol=1e-4)
-        torch.testing.assert_close(fast, ref, **tol, msg=lambda m: f"{what}: {m}")
+    if grad_scale is None:
+        tol = dict(atol=1e-5, rtol=1e-5)
+    else:
+        tol = dict(atol=1e-5 * max(1.0, grad_scale), rtol=1e-4)
+    torch.testing.assert_close(fast, ref, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_bf16_close(fast: torch.Tensor, loop: torch.Tensor, what: str, magnitude: float) -> None:
+    """max |fast - loop| <= 8·u·magnitude: see the module docstring."""
+    assert fast.shape == loop.shape and fast.dtype == loop.dtype == torch.bfloat16, (what, fast.shape, loop.shape)
+    if not loop.numel():
         return
-    scale = float(ref.detach().float().abs().max()) if ref.numel() else 0.0
-    scale = scale if grad_scale is None else grad_scale
-    err = float((fast.detach().float() - ref.detach().float()).abs().max()) if ref.numel() else 0.0
-    RATIOS[what.split(" of ")[0]].append(err / (U_BF16 * max(scale, 1e-6)))
-    assert err <= BF16_FACTOR * U_BF16 * max(scale, 1e-6), f"{what}: max |fast - ref| = {err:.3g}, max |ref| = {scale:.3g}"
+    err = float((fast.detach().float() - loop.detach().float()).abs().max())
+    RATIOS[what.split(" of ")[0]].append(err / (U_BF16 * max(magnitude, 1e-6)))
+    assert err <= BF16_FACTOR * U_BF16 * max(magnitude, 1e-6), (
+        f"{what}: max |fast - loop| = {err:.3g} > {BF16_FACTOR}·u·{magnitude:.3g} (the magnitude of the terms "
+        f"summed)")
+
+
+def forward_and_grads(layer, x, ids, mask, cot, c, noise_seed: int, fast: bool):
+    """The output and the gradients of sum(output · cotangent) w.r.t. x and every adapter parameter, by
+    the fast path (inside a routing scope, as the model wrapper runs it) or by the loop reference."""
+    torch.manual_seed(noise_seed)
+    if fast:
+        with layer.routing.scope(ids, mask, record=True):
+            out = layer(x)
+    else:
+        row_ids = ids.repeat_interleave(c["beams"])
+        out = layer.base_layer(x) + REFERENCES[c["method"]](layer, x, row_ids, c).to(x.dtype)
+    params = adapter_parameters(layer)
+    tensors = [x] + [p for _, p in params]
+    grads = torch.autograd.grad((out * cot).float().sum(), tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+    return out, dict(zip(["x"] + [n for n, _ in params], grads))
+
+
+def magnitude_copy(layer, c: dict):
+    """The same layer in fp32 holding the absolute values of the bf16 layer's weights."""
+    copy = build_layer(c, torch.float32)
+    copy.load_state_dict({k: (v.abs() if v.is_floating_point() else v).float() for k, v in layer.state_dict().items()})
+    return copy
+
+
+def largest(tensors) -> float:
+    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
 
 
 def run_case(c: dict, dtype: torch.dtype) -> None:
     layer = build_layer(c, dtype)
     x, mask, ids, cot = build_inputs(c, dtype)
-    params = adapter_parameters(layer)
-    row_ids = ids.repeat_interleave(c["beams"])
     noise_seed = c["seed"] + 3
-    torch.manual_seed(noise_seed)
-    with layer.routing.scope(ids, mask, record=True):  # what the model wrapper does around a forward
-        fast = layer(x)
-    torch.manual_seed(noise_seed)
-    ref = layer.base_layer(x) + REFERENCES[c["method"]](layer, x, row_ids, c).to(dtype)
-    assert_close(fast, ref, dtype, "output")
-    tensors = [x] + [p for _, p in params]
-    names = ["x"] + [n for n, _ in params]
-    fast_grads = torch.autograd.grad((fast * cot).float().sum(), tensors, allow_unused=True)
-    ref_grads = torch.autograd.grad((ref * cot).float().sum(), tensors, allow_unused=True)
-    fast_grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, fast_grads)]
-    ref_grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, ref_grads)]
-    # A gradient sums up to ~70 rows of terms as large as the case's largest gradient, and some are
-    # exactly 0 by cancellation (TeamLoRA's interaction matrix with E = 1): fp32 rounding scales with it.
-    scale = max(float(g.float().abs().max()) if g.numel() else 0.0 for g in ref_grads)
-    for name, a, b in zip(names, fast_grads, ref_grads):
-        assert_close(a, b, dtype, f"grad of {name}", grad_scale=scale)
+    fast, fast_grads = forward_and_grads(layer, x, ids, mask, cot, c, noise_seed, fast=True)
+    ref, ref_grads = forward_and_grads(layer, x, ids, mask, cot, c, noise_seed, fast=False)
+    if dtype == torch.float32:
+        assert_close(fast, ref, "output")
+        # A gradient sums up to ~70 rows of terms as large as the case's largest gradient, and some are
+        # exactly 0 by cancellation (TeamLoRA's interaction matrix with E = 1): fp32 rounding scales with it.
+        scale = largest(ref_grads.values())
+        for name in ref_grads:
+            assert_close(fast_grads[name], ref_grads[name], f"grad of {name}", grad_scale=scale)
+    else:
+        size, size_grads = forward_and_grads(magnitude_copy(layer, c), x.detach().float().abs().requires_grad_(), ids,
+                                             mask, cot.float().abs(), c, noise_seed, fast=False)
+        assert_bf16_close(fast, ref, "output", magnitude=largest([size, ref]))
+        grad_size = largest(list(size_grads.values()) + list(ref_grads.values()))
+        for name in ref_grads:
+            assert_bf16_close(fast_grads[name], ref_grads[name], f"grad of {name}", grad_size)
     EXAMPLES[(c["method"], str(dtype))] += 1
 
 
