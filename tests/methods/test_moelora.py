@@ -196,3 +196,29 @@ def test_one_expert_top_one_equals_lora_on_bert(tr):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).last_hidden_state, lora(**batch).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ok_share", [1.0, 0.5, 0.0])
+def test_masked_logsumexp_of_products_equals_autograd_logsumexp(ok_share):
+    """The hand-written forward and backward equal autograd's logsumexp over the masked (M, M) logits,
+    and pass torch's gradcheck in fp64; rows without any candidate (ok_share = 0) pass no gradient."""
+    from mtpeft.methods.moelora import masked_logsumexp_of_products
+
+    g = torch.Generator().manual_seed(3)
+    m, k, scale = 37, 6, 10.0
+    a = torch.randn(m, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(m, k, generator=g, dtype=torch.float64, requires_grad=True)
+    ok = torch.rand(m, generator=g) < ok_share
+    excluded = torch.eye(m, dtype=torch.bool) | ~ok[None, :]
+    want = torch.logsumexp((a @ b.T * scale).masked_fill(excluded, -1e9), dim=1)
+    got = masked_logsumexp_of_products(a, b, ok, scale)
+    # A row without candidates: near -1e9 (exactly which value is unspecified), with no gradient.
+    none = excluded.all(1)
+    assert bool((got[none] < -0.9e9).all()) and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got[~none], want[~none])
+    want = torch.where(none, got.detach(), want)
+    cot = torch.randn(m, generator=g, dtype=torch.float64)
+    for x, y in zip(torch.autograd.grad(got, (a, b), cot), torch.autograd.grad(want, (a, b), cot)):
+        torch.testing.assert_close(x, y)
+    if not none.any():  # in fp64 a no-candidate row still varies with a, b (by design, not in fp32)
+        assert torch.autograd.gradcheck(lambda a, b: masked_logsumexp_of_products(a, b, ok, scale), (a, b))
