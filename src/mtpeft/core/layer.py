@@ -9,6 +9,9 @@ A method subclass implements:
     ``create_parameters(factory)``  build its (stacked) parameters with ``torch.empty(..., **factory)``;
                                    it must not read the base weight (meta-device construction works).
     ``reset_parameters()``         initialise them (called after construction off the meta device).
+    ``delta_factors(x, route)``    when the update is a product over x's flattened rows: (left (N, K),
+                                   right (K, out_features)); the base adds left @ right into the base
+                                   output with one addmm_ (no (N, d_out) temporary). Otherwise:
     ``adapter_forward(x, route)``  the update for input rows x (adapter dtype), shape (..., out_features).
     ``parameter_roles``            param name -> "shared" | "expert" | "router" | "task".
 Mergeable (task-routed) methods also implement ``lora_factors(task)`` -> (A (r, d_in), B (d_out, r))
@@ -103,8 +106,19 @@ class AdaptedLayer(nn.Module):
     def reset_parameters(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement reset_parameters")
 
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The update as left (N, K) @ right (K, out_features) over x's rows flattened to 2-D, both in the
+        adapter dtype; None for a method whose update has no such form (it implements adapter_forward).
+        Called once per forward: a method records its aux losses and router statistics here."""
+        return None
+
     def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement adapter_forward")
+        """The update for x (..., in_features) -> (..., out_features); by default from delta_factors."""
+        factors = self.delta_factors(x, route)
+        if factors is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement delta_factors or adapter_forward")
+        left, right = factors
+        return (left @ right).view(*x.shape[:-1], right.shape[-1])  # (N, d_out) -> (..., d_out)
 
     def lora_factors(self, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(
@@ -143,11 +157,23 @@ class AdaptedLayer(nn.Module):
         return result.view(*x.shape[:-1], result.shape[-1]) if flat else result
 
     def add_delta(self, result: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """result + adapter_forward(x, route), with result the base output (same rows as x, possibly
-        flattened to 2-D). In place when result is not a view. A method may override this to fuse its
-        last GEMM with the add (LoRA does: one addmm_ into the base output)."""
+        """result + the update of x, with result the base output (same rows as x, possibly flattened to
+        2-D). A factored update accumulates into a fresh 2-D result of the adapter dtype with one addmm_;
+        otherwise adapter_forward's output is added, in place when result is not a view."""
+        if self._factored_in_place(result):
+            factors = self.delta_factors(x, route)
+            if factors is not None:
+                return result.addmm_(*factors)  # (N, d_out) += (N, K) (K, d_out)
         delta = self.adapter_forward(x, route).to(result.dtype).reshape(result.shape)
         return result.add_(delta) if result._base is None else result + delta
+
+    def _factored_in_place(self, result: torch.Tensor) -> bool:
+        """Whether add_delta may use delta_factors: the method does not define its own adapter_forward
+        (a subclass that does, or a benchmark that swaps it on the instance, is called instead), and
+        result is a fresh 2-D tensor (not a view: in place on a view costs autograd copies) of the
+        adapter dtype."""
+        return (type(self).adapter_forward is AdaptedLayer.adapter_forward and "adapter_forward" not in self.__dict__
+                and result.dim() == 2 and result._base is None and result.dtype == self.adapter_dtype)
 
     def _check_merged_task(self) -> None:
         """Refuse a batch whose task ids differ from the merged task. Checked once per task-id tensor

@@ -84,12 +84,12 @@ class HydraLoraLayer(TokenRoutedLayer):
         kaiming_uniform_(self.router, fan_in=self.in_features)
 
     # ------------------------------------------------------------------ fast path
-    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
         e, r = self.n_experts, self.r
         z = dropout_linear(self.dropout, x2d, self.lora_A)  # (N, r): A once per token, on drop(x)
         probs = router_probs(x2d, self.router)  # (N, E) fp32, dense
-        out = gate_shared_block(z, probs, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
+        gated = gate_shared_block(z, probs, self.scaling)  # (N, E·r)
         need_selected = route.record or (self._wants_aux(route) and self.config.balance_weight > 0)
         selected = argmax_selected(probs) if need_selected else None
         if self._wants_aux(route) and self.config.balance_weight > 0:
@@ -97,7 +97,8 @@ class HydraLoraLayer(TokenRoutedLayer):
                              self.config.balance_weight)
         if route.record:
             self._record_stats(route, lead, probs, probs, selected, 1, weight)
-        return out.view(*lead, self.out_features)
+        # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
+        return gated, self.lora_B.view(e * r, -1)
 
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:

@@ -62,18 +62,9 @@ class LoraLayer(AdaptedLayer):
         kaiming_uniform_(self.lora_A, fan_in=self.in_features)
         nn.init.zeros_(self.lora_B)
 
-    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         z = dropout_linear(self.dropout, x, self.lora_A) * self.scaling  # (..., r): drop(x) Aᵀ s
-        return z @ self.lora_B.T  # (..., d_out)
-
-    def add_delta(self, result: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """The B GEMM accumulates straight into the base output (one addmm_, no (N, d_out) temporary).
-        Same result as adapter_forward; a subclass that overrides adapter_forward gets it called instead."""
-        own = type(self).adapter_forward is LoraLayer.adapter_forward and "adapter_forward" not in self.__dict__
-        if not own or result.dim() != 2 or result._base is not None or result.dtype != self.lora_B.dtype:
-            return super().add_delta(result, x, route)
-        z = dropout_linear(self.dropout, x, self.lora_A) * self.scaling  # (..., r)
-        return result.addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.T)  # (N, d_out) += (N, r) (r, d_out)
+        return z.reshape(-1, z.shape[-1]), self.lora_B.T  # (N, r), (r, d_out)
 
     def lora_factors(self, task: int | None):
         return self.lora_A, self.lora_B * self.scaling

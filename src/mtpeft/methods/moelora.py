@@ -252,14 +252,13 @@ class MoELoraLayer(TokenRoutedLayer):
         kaiming_uniform_(self.router, fan_in=self.in_features)
 
     # ------------------------------------------------------------------ fast path
-    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
         n, e, r = x2d.shape[0], self.n_experts, self.r
         probs = router_probs(x2d, self.router)  # (N, E) fp32
         gates, selected = top_k_gates(probs, self.top_k)  # (N, E), (N, E) bool
         z = dropout_linear(self.dropout, x2d, self.lora_A.view(e * r, -1))  # (N, E·r): one GEMM, every expert's A
         zg = gate_expert_blocks(z, gates, self.scaling)  # (N, E·r)
-        out = zg @ self.lora_B.view(e * r, -1)  # (N, d_out): one GEMM for every expert's B
         if self._wants_aux(route):
             cfg = self.config
             if cfg.balance_weight > 0:
@@ -269,7 +268,8 @@ class MoELoraLayer(TokenRoutedLayer):
                 self._record_aux("moelora_contrastive", self._contrastive(z, selected, weight),
                                  cfg.contrastive_weight)
         self._record_stats(route, lead, probs, gates, selected, self.top_k, weight)
-        return out.view(*lead, self.out_features)
+        # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
+        return zg, self.lora_B.view(e * r, -1)
 
     def _contrastive(self, z: torch.Tensor, selected: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """The contrastive loss on sampled pairs, o_{t,e} = z_{t,e} B_e, through the Gram matrix of B_cat."""

@@ -131,19 +131,20 @@ class MoSLDLayer(TokenRoutedLayer):
         return self.lora_A * keep.to(self.lora_A.dtype) / (1.0 - p)
 
     # ------------------------------------------------------------------ fast path
-    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
         e, r = self.n_experts, self.r
         a = self.shared_A()  # (r, d_in)
         probs = router_probs(x2d, self.router)  # (N, E) fp32
         gates, selected = top_k_gates(probs, self.top_k)
         z = x2d @ a.T  # (N, r): the shared A once per token
-        out = gate_shared_block(z, gates, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
+        gated = gate_shared_block(z, gates, self.scaling)  # (N, E·r)
         if self._wants_aux(route) and self.config.balance_weight > 0:
             self._record_aux("mosld_balance", switch_balance_loss(probs, selected, self.top_k, weight),
                              self.config.balance_weight)
         self._record_stats(route, lead, probs, gates, selected, self.top_k, weight)
-        return out.view(*lead, self.out_features)
+        # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
+        return gated, self.lora_B.view(e * r, -1)
 
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:

@@ -134,19 +134,20 @@ class TeamLoraLayer(TokenRoutedLayer):
         return phi, interaction_weights(phi, self.interaction, self.config.normalizer_eps)
 
     # ------------------------------------------------------------------ fast path
-    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
         e, r = self.n_experts, self.r
         z = self.dropout(x2d @ self.lora_A.T)  # (N, E·r_B): the shared A once, dropout after A
         phi, w = self.gate_weights(x2d)  # (N, E) each
-        out = gate_expert_blocks(z, w, self.scaling) @ self.lora_B.view(e * r, -1)  # (N, d_out)
+        gated = gate_expert_blocks(z, w, self.scaling)  # (N, E·r)
         if self._wants_aux(route) and self.config.balance_weight > 0:
             balance = ((masked_mean(w, weight) - 1.0) ** 2).mean()
             self._record_aux("teamlora_balance", balance, self.config.balance_weight)
         if route.record:
             psi = w.detach() / e  # sums to 1 per token
             self._record_stats(route, lead, phi, psi, argmax_selected(psi), 1, weight)
-        return out.view(*lead, self.out_features)
+        # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
+        return gated, self.lora_B.view(e * r, -1)
 
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
