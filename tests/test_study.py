@@ -70,3 +70,23 @@ def test_cli_hands_study_and_bench_their_own_options(capsys):
         main(["bench", "--no-such-option"])
     assert exit_info.value.code == 2
     assert "--no-such-option" in capsys.readouterr().err
+
+
+def test_summary_mean_std_over_seeds_and_median_time_per_step(tmp_path):
+    """Scores: mean and sample std over seeds, per task and on the per-seed average; time per step: the
+    median over runs, so one run slowed by another job on the machine does not move it."""
+    from mtpeft.study import summarise
+
+    runs = []
+    for seed, (a, b, sps) in enumerate([(0.5, 0.7, 1.0), (0.6, 0.9, 1.1), (0.7, 0.8, 3.9)]):
+        out = tmp_path / f"m-seed{seed}"
+        out.mkdir()
+        (out / "metrics.json").write_text(json.dumps({
+            "tasks": {"t1": {"score": a}, "t2": {"score": b}}, "trainable_parameters": {"adapter": 10, "heads": 2},
+            "seconds_per_step": sps}))
+        runs.append({"label": "m", "seed": seed, "config": {"output_dir": str(out)}})
+    row = summarise(runs)["m"]
+    assert row["seconds_per_step"] == 1.1
+    assert abs(row["tasks"]["t1"]["mean"] - 0.6) < 1e-12 and abs(row["tasks"]["t1"]["std"] - 0.1) < 1e-12
+    assert abs(row["average"]["mean"] - 0.7) < 1e-12  # per-seed averages 0.6, 0.75, 0.75
+    assert row["trainable_parameters"] == 12 and row["seeds"] == [0, 1, 2]

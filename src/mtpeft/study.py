@@ -102,7 +102,9 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Per method: per-task and average mean / std over seeds, parameters, seconds per step."""
+    """Per method: per-task and average mean / std over seeds, parameters, seconds per step (the median
+    over the method's runs: a run that shared the CPUs with another job is slower, and the median of
+    three seeds ignores one such run where a mean would not)."""
     by_label: dict[str, dict] = {}
     for planned in runs:
         path = Path(planned["config"]["output_dir"]) / "metrics.json"
@@ -123,7 +125,7 @@ def summarise(runs: list[dict]) -> dict:
                     for s in seeds]
         table[label] = {"tasks": tasks, "average": _mean_std(averages), "seeds": seeds,
                         "trainable_parameters": max(entry["params"]),
-                        "seconds_per_step": statistics.fmean(entry["step"])}
+                        "seconds_per_step": statistics.median(entry["step"])}
     return table
 
 
@@ -134,7 +136,7 @@ def _mean_std(values: list[float]) -> dict:
 
 def results_markdown(table: dict) -> str:
     tasks = list(dict.fromkeys(t for row in table.values() for t in row["tasks"]))
-    lines = ["| method | " + " | ".join(tasks) + " | average | trainable params | s/step | seeds |",
+    lines = ["| method | " + " | ".join(tasks) + " | average | trainable params | s/step (median) | seeds |",
              "|" + "---|" * (len(tasks) + 5)]
     for label, row in table.items():
         cells = [f"{100 * row['tasks'][t]['mean']:.1f} ± {100 * row['tasks'][t]['std']:.1f}"
