@@ -2,7 +2,7 @@
 gradient, over random shapes, E, k, r, task counts and mixes, padding masks, train / eval, fp32 and bf16.
 
 What is compared: the adapted layer's full ``forward`` (base layer + the method's fast path, including
-fused adds such as LoRA's addmm_ into the base output), run inside a routing scope exactly as the model
+fused adds: the factored methods' addmm_ into the base output), run inside a routing scope exactly as the model
 wrapper runs it, against ``base_layer(x) + reference(x)``:
 
 * token-routed methods (MoELoRA, MoSLD, TeamLoRA, HydraLoRA): the library's ``reference_forward``, a
@@ -356,22 +356,13 @@ def run_case(c: dict, dtype: torch.dtype) -> None:
 
 
 # ----------------------------------------------------------------------------------- the properties
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("method", METHODS)
-def test_fast_path_equals_reference_fp32(method):
-    @property_settings(PER_METHOD[torch.float32])
+def test_fast_path_equals_reference(method, dtype):
+    @property_settings(PER_METHOD[dtype])
     @given(cases(method))
     def check(c):
-        run_case(c, torch.float32)
-
-    check()
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_fast_path_equals_reference_bf16(method):
-    @property_settings(PER_METHOD[torch.bfloat16])
-    @given(cases(method))
-    def check(c):
-        run_case(c, torch.bfloat16)
+        run_case(c, dtype)
 
     check()
 
