@@ -90,3 +90,12 @@ def test_summary_mean_std_over_seeds_and_median_time_per_step(tmp_path):
     assert abs(row["tasks"]["t1"]["mean"] - 0.6) < 1e-12 and abs(row["tasks"]["t1"]["std"] - 0.1) < 1e-12
     assert abs(row["average"]["mean"] - 0.7) < 1e-12  # per-seed averages 0.6, 0.75, 0.75
     assert row["trainable_parameters"] == 12 and row["seeds"] == [0, 1, 2]
+    # A seed with only some tasks finished (the single-task baseline part-way) counts in those tasks'
+    # columns but not in the average.
+    out = tmp_path / "m-seed3"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({
+        "tasks": {"t1": {"score": 1.0}}, "trainable_parameters": {"adapter": 10}, "seconds_per_step": 1.0}))
+    row = summarise(runs + [{"label": "m", "seed": 3, "config": {"output_dir": str(out)}}])["m"]
+    assert row["tasks"]["t1"]["n"] == 4 and row["tasks"]["t2"]["n"] == 3
+    assert abs(row["average"]["mean"] - 0.7) < 1e-12 and row["average"]["n"] == 3

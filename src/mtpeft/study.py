@@ -121,9 +121,11 @@ def summarise(runs: list[dict]) -> dict:
     for label, entry in by_label.items():
         tasks = {t: _mean_std(list(s.values())) for t, s in entry["scores"].items()}
         seeds = sorted(entry["seeds"])
-        averages = [statistics.fmean(entry["scores"][t][s] for t in entry["scores"] if s in entry["scores"][t])
-                    for s in seeds]
-        table[label] = {"tasks": tasks, "average": _mean_std(averages), "seeds": seeds,
+        # The average over tasks, per seed, only for seeds with every task finished (the single-task
+        # baseline is one run per task: a seed part-way through would average a subset of the tasks).
+        complete = [s for s in seeds if all(s in by_seed for by_seed in entry["scores"].values())]
+        averages = [statistics.fmean(by_seed[s] for by_seed in entry["scores"].values()) for s in complete]
+        table[label] = {"tasks": tasks, "average": _mean_std(averages) if averages else None, "seeds": seeds,
                         "trainable_parameters": max(entry["params"]),
                         "seconds_per_step": statistics.median(entry["step"])}
     return table
@@ -142,7 +144,8 @@ def results_markdown(table: dict) -> str:
         cells = [f"{100 * row['tasks'][t]['mean']:.1f} ± {100 * row['tasks'][t]['std']:.1f}"
                  if t in row["tasks"] else "–" for t in tasks]
         avg = row["average"]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * avg['mean']:.1f} ± {100 * avg['std']:.1f} | "
+        avg_cell = f"{100 * avg['mean']:.1f} ± {100 * avg['std']:.1f}" if avg else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg_cell} | "
                      f"{row['trainable_parameters']:,} | {row['seconds_per_step']:.3f} | {len(row['seeds'])} |")
     return "\n".join(lines)
 
