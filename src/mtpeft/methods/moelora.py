@@ -154,11 +154,12 @@ class _MaskedLogSumExpOfProducts(torch.autograd.Function):
         column_bias = torch.where(ok, 0.0, -1e9).to(a.dtype)  # (M,): pairs that are not ok are no candidates
         logits = torch.addmm(column_bias, a, b.T, alpha=scale)  # (M, M), the bias broadcast over rows
         logits.diagonal().fill_(-1e9)  # nor is an anchor its own candidate
-        top = logits.amax(dim=1)  # (M,)
+        top, where_top = logits.max(dim=1)  # (M,) each
         probs = torch.softmax(logits, dim=1)  # (M, M)
         del logits
-        # P at a row's largest logit is exp(0) / Σ_j exp(logit_j - top) = 1 / Σ, so lse = top - log P_max.
-        p_top = probs.amax(dim=1)  # (M,): the largest logit has the largest probability
+        # P at a row's largest logit is exp(0) / Σ_j exp(logit_j - top) = 1 / Σ, so lse = top - log P_top
+        # (read at the argmax: no second pass over P).
+        p_top = probs.gather(1, where_top.unsqueeze(1)).squeeze(1)  # (M,)
         # A row without any candidate has a uniform P over constants: it must pass no gradient back.
         ctx.save_for_backward(a, b, probs, top > -0.5e9)
         ctx.scale = scale
@@ -254,7 +255,7 @@ class MoELoraLayer(TokenRoutedLayer):
     # ------------------------------------------------------------------ fast path
     def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         x2d, lead, weight = self._flatten(x, route)  # (N, d_in)
-        n, e, r = x2d.shape[0], self.n_experts, self.r
+        e, r = self.n_experts, self.r
         probs = router_probs(x2d, self.router)  # (N, E) fp32
         gates, selected = top_k_gates(probs, self.top_k)  # (N, E), (N, E) bool
         z = dropout_linear(self.dropout, x2d, self.lora_A.view(e * r, -1))  # (N, E·r): one GEMM, every expert's A
