@@ -50,6 +50,22 @@ def test_config_validation(kwargs, message):
         mtpeft.LoraConfig(**kwargs)
 
 
+@pytest.mark.parametrize("config_cls, kwargs, message", [
+    ("MoELoraConfig", dict(balance_weight=-0.1), "balance_weight must be a number >= 0"),
+    ("MoELoraConfig", dict(contrastive_weight=float("nan")), "contrastive_weight must be a number >= 0"),
+    ("MoELoraConfig", dict(contrastive_temperature=0), "contrastive_temperature must be a positive number"),
+    ("MoSLDConfig", dict(balance_weight="0.1"), "balance_weight must be a number >= 0"),
+    ("HydraLoraConfig", dict(balance_weight=-1), "balance_weight must be a number >= 0"),
+    ("TeamLoraConfig", dict(interaction_init=-0.1), "interaction_init must be a number >= 0"),
+    ("TeamLoraConfig", dict(normalizer_eps=0.0), "normalizer_eps must be a positive number"),
+    ("MTLLoraConfig", dict(n_tasks=2, temperature=True), "temperature must be a positive number"),
+])
+def test_method_config_validation(config_cls, kwargs, message):
+    """Weights may be 0 (off) but not negative, NaN or a string; temperatures and epsilons must be > 0."""
+    with pytest.raises(ValueError, match=message):
+        getattr(mtpeft, config_cls)(**kwargs)
+
+
 def test_task_routed_config_needs_n_tasks():
     with pytest.raises(ValueError, match="set n_tasks"):
         mtpeft.TaskLoraConfig()

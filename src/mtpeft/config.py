@@ -24,6 +24,17 @@ def check_probability(config_name: str, field_name: str, value: Any) -> None:
         raise ValueError(f"{config_name}.{field_name} must be in [0, 1), got {value!r}.")
 
 
+def check_positive_number(config_name: str, field_name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{config_name}.{field_name} must be a positive number, got {value!r}.")
+
+
+def check_non_negative(config_name: str, field_name: str, value: Any) -> None:
+    """A weight or scale that may be 0 (off) but not negative; NaN is refused too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{config_name}.{field_name} must be a number >= 0, got {value!r}.")
+
+
 def check_choice(config_name: str, field_name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ValueError(f"{config_name}.{field_name} must be one of {list(choices)}, got {value!r}.")

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
+from ..config import (AdapterConfig, check_non_negative, check_positive_int, check_probability, field_help,
+                      register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_shared_block, router_dtype, router_probs,
@@ -49,8 +50,7 @@ class HydraLoraConfig(AdapterConfig):
         check_positive_int(name, "n_experts", self.n_experts)
         check_positive_int(name, "r", self.r)
         check_probability(name, "lora_dropout", self.lora_dropout)
-        if self.balance_weight < 0:
-            raise ValueError(f"{name}.balance_weight must be >= 0, got {self.balance_weight!r}.")
+        check_non_negative(name, "balance_weight", self.balance_weight)
 
     @property
     def scaling(self) -> float:

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, check_choice, check_positive_int, check_probability, field_help, register_method
+from ..config import (AdapterConfig, check_choice, check_non_negative, check_positive_int, check_positive_number,
+                      check_probability, field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, router_dtype, router_probs, switch_balance_loss,
@@ -84,10 +85,8 @@ class MoELoraConfig(AdapterConfig):
             raise ValueError(f"{name}.top_k={self.top_k} exceeds n_experts={self.n_experts}.")
         check_probability(name, "lora_dropout", self.lora_dropout)
         for f in ("balance_weight", "contrastive_weight"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{name}.{f} must be >= 0, got {getattr(self, f)!r}.")
-        if not self.contrastive_temperature > 0:
-            raise ValueError(f"{name}.contrastive_temperature must be > 0, got {self.contrastive_temperature!r}.")
+            check_non_negative(name, f, getattr(self, f))
+        check_positive_number(name, "contrastive_temperature", self.contrastive_temperature)
         check_choice(name, "contrastive_pairs", self.contrastive_pairs, ("all", "routed"))
 
     @property

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, check_choice, check_positive_int, check_probability, field_help, register_method
+from ..config import (AdapterConfig, check_choice, check_non_negative, check_positive_int, check_probability,
+                      field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, gate_shared_block, router_dtype, router_probs, switch_balance_loss,
@@ -78,8 +79,7 @@ class MoSLDConfig(AdapterConfig):
         if self.top_k > min(used):
             raise ValueError(f"{name}.top_k={self.top_k} exceeds the smallest expert count {min(used)} of "
                              f"the {self.expert_schedule!r} schedule.")
-        if self.balance_weight < 0:
-            raise ValueError(f"{name}.balance_weight must be >= 0, got {self.balance_weight!r}.")
+        check_non_negative(name, "balance_weight", self.balance_weight)
 
     @property
     def scaling(self) -> float:

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import (AdapterConfig, check_choice, check_positive_int, check_probability, field_help,
-                      register_method)
+from ..config import (AdapterConfig, check_choice, check_positive_int, check_positive_number, check_probability,
+                      field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
@@ -71,9 +71,7 @@ class MTLLoraConfig(AdapterConfig):
         check_positive_int(name, "r", self.r)
         check_positive_int(name, "n_up", self.n_up)
         check_probability(name, "lora_dropout", self.lora_dropout)
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ValueError(f"{name}.temperature must be a positive number, got {self.temperature!r}.")
+        check_positive_number(name, "temperature", self.temperature)
         check_choice(name, "lambda_type", self.lambda_type, ("full", "diagonal"))
         check_choice(name, "router_init", self.router_init, ("kaiming", "zeros"))
         check_choice(name, "unknown_task", self.unknown_task, UNKNOWN_TASK_CHOICES)

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
+from ..config import (AdapterConfig, check_non_negative, check_positive_int, check_positive_number, check_probability,
+                      field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_expert_blocks, masked_mean, router_dtype,
@@ -65,10 +66,8 @@ class TeamLoraConfig(AdapterConfig):
         check_positive_int(name, "r", self.r)
         check_probability(name, "lora_dropout", self.lora_dropout)
         for f in ("interaction_init", "balance_weight"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{name}.{f} must be >= 0, got {getattr(self, f)!r}.")
-        if not self.normalizer_eps > 0:
-            raise ValueError(f"{name}.normalizer_eps must be > 0, got {self.normalizer_eps!r}.")
+            check_non_negative(name, f, getattr(self, f))
+        check_positive_number(name, "normalizer_eps", self.normalizer_eps)
 
     @property
     def scaling(self) -> float:
