@@ -24,3 +24,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer: from the converted cache folder when it exists (0.3 s), else from the GGUF (~5 s)."""
+    from transformers import AutoTokenizer
+
+    from mtpeft.assets import cache_dir, smollm2_gguf
+
+    converted = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (converted / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(converted))
+    path = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator
+from .label_logits import accepts_logits_to_keep, label_positions
 from .routing_report import RoutingAccumulator
 
 
@@ -81,14 +82,20 @@ def _with_average(results: dict) -> dict:
 
 @torch.no_grad()
 def choice_log_likelihoods(model, collate: CausalLMCollator, example: dict) -> torch.Tensor:
-    """Sum of the log-probabilities of each option's answer tokens given the prompt: (n_options,)."""
+    """Sum of the log-probabilities of each option's answer tokens given the prompt: (n_options,).
+    Logits are computed at the positions that predict an answer token only, where the model allows."""
     batch = collate.choice_batch(example)
     labels = batch.pop("labels")
-    logits = model(**batch).logits.float()  # (options, seq, vocab)
-    logprobs = F.log_softmax(logits[:, :-1], dim=-1)
-    target = labels[:, 1:]  # next-token targets, (options, seq-1)
+    if accepts_logits_to_keep(model):
+        positions = label_positions(labels)  # (P,)
+        logits = model(**batch, logits_to_keep=positions).logits.float()  # (options, P, vocab)
+        target = labels[:, positions + 1]  # the next-token targets of those positions, (options, P)
+    else:
+        logits = model(**batch).logits.float()[:, :-1]  # (options, seq-1, vocab)
+        target = labels[:, 1:]  # next-token targets, (options, seq-1)
+    logprobs = F.log_softmax(logits, dim=-1)
     mask = target != IGNORE_INDEX
-    picked = logprobs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (options, seq-1)
+    picked = logprobs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (options, positions)
     return (picked * mask).sum(-1)
 
 

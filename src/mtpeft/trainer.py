@@ -1,6 +1,7 @@
 """The HF Trainer, taught three things: our sampler (tasks mixed by temperature, resumable), our
 adapter files (checkpoints hold adapter_config.json + adapter_model.safetensors, never a pickle of
-the model), and logging of the aux losses. Everything else is the stock Trainer: optimizer,
+the model), and logging of the aux losses; a causal LM computes its logits only where the loss
+reads them (:mod:`mtpeft.label_logits`). Everything else is the stock Trainer: optimizer,
 scheduler, RNG and data-order restore on resume.
 
 Checkpoints are crash-safe: the Trainer writes ``checkpoint-N/``, we flush its files to disk and add
@@ -29,6 +30,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .io import atomic_write_bytes, load_adapter_weights
+from .label_logits import accepts_logits_to_keep, keep_label_logits
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -138,6 +140,7 @@ class MultiTaskTrainer(Trainer):
         if base is not None and not isinstance(base, PreTrainedModel) and not hasattr(base, "accepts_loss_kwargs"):
             self.model_accepts_loss_kwargs = False
         self._trainable: list[torch.nn.Parameter] | None = None
+        self._label_logits_only = accepts_logits_to_keep(self._unwrapped())
 
     # ------------------------------------------------------------------ data order
     def _get_train_sampler(self, train_dataset=None):
@@ -182,6 +185,8 @@ class MultiTaskTrainer(Trainer):
 
     # ------------------------------------------------------------------ aux losses in the logs
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._label_logits_only:
+            inputs = keep_label_logits(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         if model.training:

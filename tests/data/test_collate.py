@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mtpeft.assets import cache_dir, minilm_path, smollm2_gguf  # noqa: E402
+from mtpeft.assets import minilm_path  # noqa: E402
 from mtpeft.data import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator, TaskSpec  # noqa: E402
 
 WORDS = ["<unk>", "<pad>", "</s>", "<|user|>", "<|assistant|>", "<|end|>", "user", "assistant", ":", "what", "is",
@@ -29,18 +29,6 @@ def tiny_chat_tokenizer(template):
                                   extra_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
     tok.chat_template = template
     return tok
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2's tokenizer: from the converted cache folder when it exists (0.3 s), else from the GGUF (~5 s)."""
-    from transformers import AutoTokenizer
-
-    converted = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (converted / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(converted))
-    path = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
 def _labelled(batch, row):

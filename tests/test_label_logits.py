@@ -1,0 +1,118 @@
+"""Logits only at the labelled positions (mtpeft.label_logits): the loss, its gradients and the choice
+scores equal the full-logits computation, while the vocabulary projection sees only those positions."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+import mtpeft
+from mtpeft.data import IGNORE_INDEX, CausalLMCollator
+from mtpeft.evaluate import choice_log_likelihoods
+from mtpeft.label_logits import accepts_logits_to_keep, keep_label_logits, label_positions
+from mtpeft.trainer import MultiTaskTrainer
+from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+CONFIGS = {"lora": lambda: mtpeft.LoraConfig(r=4, lora_dropout=0.0),
+           "moelora": lambda: mtpeft.MoELoraConfig(lora_dropout=0.0),
+           "mtl_lora": lambda: mtpeft.MTLLoraConfig(n_tasks=3, lora_dropout=0.0)}
+
+
+def answer_batch(seed=0, batch=4, seq=20):
+    """Right-padded prompts with the labels on a short answer whose place differs per row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for b, (start, length, end) in enumerate([(6, 3, 12), (15, 2, 20), (3, 1, 8), (10, 4, 16)][:batch]):
+        labels[b, start:start + length] = ids[b, start:start + length]
+        mask[b, end:] = 0
+        ids[b, end:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "task_ids": torch.arange(batch) % 3}
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    torch.manual_seed(0)  # the same contrastive sample in both passes (MoELoRA)
+    loss = model(**batch, num_items_in_batch=int((batch["labels"] != IGNORE_INDEX).sum())).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_loss_and_gradients_equal_the_full_logits(arch, method, one_thread):
+    model = mtpeft.get_model(BUILDERS[arch](), CONFIGS[method]())
+    model.train()
+    batch = answer_batch()
+    kept = keep_label_logits(batch)
+    # Positions 5-7, 14-15, 2, 9-12 predict the answers: 10 of 20 positions, in one sorted list.
+    assert kept["logits_to_keep"].tolist() == [2, 5, 6, 7, 9, 10, 11, 12, 14, 15]
+    assert torch.equal(kept["shift_labels"], batch["labels"][:, kept["logits_to_keep"] + 1])
+
+    seen = []
+    head = model.base_model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    full_loss, full_grads = loss_and_grads(model, batch)
+    kept_loss, kept_grads = loss_and_grads(model, kept)
+    hook.remove()
+
+    assert seen[0][1] == 20 and seen[1][1] == 10  # the vocabulary projection ran on half the positions
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-6, atol=1e-6)
+    assert full_grads.keys() == kept_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_batches_without_labels_pass_unchanged():
+    batch = answer_batch()
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    assert keep_label_logits(no_labels) is no_labels
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+    assert keep_label_logits(unlabelled) is unlabelled  # no position to keep: the model's own loss
+    assert label_positions(unlabelled["labels"]).numel() == 0
+
+
+def test_which_models_slice_their_logits():
+    assert accepts_logits_to_keep(tiny_llama()) and accepts_logits_to_keep(tiny_gpt2())
+    assert accepts_logits_to_keep(mtpeft.get_model(tiny_llama(), mtpeft.LoraConfig()))
+    assert not accepts_logits_to_keep(tiny_bert(classifier=True))
+
+
+def test_trainer_keeps_label_logits_for_causal_lms_only(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    causal = MultiTaskTrainer(model=mtpeft.get_model(tiny_llama(), mtpeft.LoraConfig()), args=args)
+    encoder = MultiTaskTrainer(model=mtpeft.get_model(tiny_bert(classifier=True), mtpeft.LoraConfig(
+        target_modules=["query", "value"])), args=args)
+    assert causal._label_logits_only and not encoder._label_logits_only
+    batch = answer_batch()
+    causal.model.eval()
+    with torch.no_grad():
+        full = causal.model(**batch).loss
+        loss, outputs = causal.compute_loss(causal.model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[1] == 10  # the trainer asked for the labelled positions only
+    torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-6)
+
+
+def test_choice_scores_equal_the_full_log_softmax(smollm2_tokenizer, one_thread):
+    """A real chat prompt from SmolLM2's tokenizer, scored by a small random Llama over its vocabulary."""
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = mtpeft.get_model(base, mtpeft.LoraConfig(r=4)).eval()
+    collate = CausalLMCollator(tok, max_length=128)
+    example = {"text": "Which city is the capital of France?", "choices": ["London", "Paris", "Rome of the Caesars"],
+               "label": 1, "task_id": 0}
+    scores = choice_log_likelihoods(model, collate, example)
+
+    batch = collate.choice_batch(example)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(**batch).logits.float()[:, :-1], dim=-1)  # (options, seq-1, vocab)
+    target = labels[:, 1:]
+    expected = torch.stack([logprobs[o, target[o] != IGNORE_INDEX].gather(
+        -1, target[o][target[o] != IGNORE_INDEX].unsqueeze(-1)).sum() for o in range(len(labels))])
+    assert scores.shape == (3,)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
