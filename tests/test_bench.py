@@ -223,3 +223,22 @@ def test_merged_layers_check_the_task_ids_once_per_tensor_but_see_in_place_chang
         with pytest.raises(ValueError, match="merged for task 1"):
             model(**batch, task_ids=torch.tensor([1, 2, 1, 1]))
         model(**batch, task_ids=torch.ones(4, dtype=torch.long))
+
+
+def test_answer_loss_pair_trains_on_the_last_tokens_with_and_without_full_logits():
+    from mtpeft.bench import ANSWER_TOKENS, MODELS, batch_for, train_groups, train_variants
+    from tiny_models import VOCAB, tiny_llama
+
+    base = tiny_llama()
+    variants = {v.name: v for v in train_variants(MODELS["smollm2"], base, quick=False)}
+    assert ["floor", "lora_r8@answers_kept", "lora_r8@answers"] in train_groups(list(variants.values()))
+    batch = bench.make_batch(MODELS["smollm2"], VOCAB, 3, 16)
+    assert batch_for(batch, variants["lora_r8"]) is batch
+    answers = batch_for(batch, variants["lora_r8@answers"])
+    assert (answers["labels"] != -100).sum(1).tolist() == [ANSWER_TOKENS] * 3 and "logits_to_keep" not in answers
+    kept = batch_for(batch, variants["lora_r8@answers_kept"])
+    assert kept["logits_to_keep"].tolist() == list(range(16 - ANSWER_TOKENS - 1, 15))
+    model = variants["lora_r8@answers"].build(base).eval()  # no dropout: one loss for the same input
+    full_loss = model(**answers).loss
+    assert model(**kept).logits.shape[1] == ANSWER_TOKENS
+    torch.testing.assert_close(model(**kept).loss, full_loss)

@@ -333,6 +333,24 @@ class Variant:
     peft_ref: str | None = None  # name of PEFT's counterpart
     routing: str = ""  # "token" | "task" | "" (LoRA / floor)
     note: str = ""
+    labels: str = "all"  # "all": LM loss on every token; "answers" / "answers_kept": on the last few only
+
+
+ANSWER_TOKENS = 4  # the "answers" batches: loss on each row's last 4 tokens, as on a short answer
+
+
+def batch_for(batch: dict, variant: Variant) -> dict:
+    """The benchmark batch, with the labels a variant trains on (a causal LM's loss on a short answer,
+    with all logits computed, or only those the loss reads)."""
+    if variant.labels == "all":
+        return batch
+    from .data.collate import IGNORE_INDEX
+    from .label_logits import keep_label_logits
+
+    labels = batch["labels"].clone()
+    labels[:, :-ANSWER_TOKENS] = IGNORE_INDEX
+    answers = {**batch, "labels": labels}
+    return keep_label_logits(answers) if variant.labels == "answers_kept" else answers
 
 
 def _mt():
@@ -457,6 +475,13 @@ def train_variants(spec: ModelSpec, base, quick: bool) -> list[Variant]:
         Variant("lora_qkvo_r8", "ours", lora(8, qkvo)),
         Variant("lora_r2", "ours", lora(2)),
     ]
+    if spec.model_type != "bert":
+        v += [
+            Variant("lora_r8@answers_kept", "ours", lora(8), lora_ref="lora_r8@answers", labels="answers_kept",
+                    note=f"loss on the last {ANSWER_TOKENS} tokens, logits there only; vs its full-logits twin"),
+            Variant("lora_r8@answers", "ours", lora(8), labels="answers",
+                    note=f"loss on the last {ANSWER_TOKENS} tokens, logits everywhere"),
+        ]
     return v
 
 
@@ -519,7 +544,7 @@ def train_groups(variants: list[Variant]) -> list[list[str]]:
     names = {v.name for v in variants}
     groups = []
     for v in variants:
-        if v.kind != "ours" or v.name.endswith("@single") or not (v.routing or v.peft_ref):
+        if v.kind != "ours" or v.name.endswith("@single") or not (v.routing or v.peft_ref or v.lora_ref):
             continue
         group = ["floor", v.name] + [n for n in (v.name + "@single", v.peft_ref, v.lora_ref) if n and n in names]
         groups.append(list(dict.fromkeys(group)))
@@ -546,7 +571,7 @@ def bench_train(args) -> dict:
         for v in variants:
             torch.manual_seed(0)
             model = v.build(shared_copy(base)).train()
-            step = train_step_fn(model, batch, v)
+            step = train_step_fn(model, batch_for(batch, v), v)
             flops[v.name] = count_flops(step)  # also the first (warm-up) step
             params[v.name] = trainable_count(model)
             steps[v.name] = step
@@ -854,7 +879,7 @@ def memory_child(payload: str) -> None:
     v = variants[opts["variant"]]
     torch.manual_seed(0)
     model = v.build(base).train()
-    step = train_step_fn(model, batch, v)
+    step = train_step_fn(model, batch_for(batch, v), v)
     step()  # warm-up: optimizer state, kernels' first-use buffers, thread pools
     gc.collect()
     before = _rss_kb("VmRSS")
@@ -957,7 +982,7 @@ def evaluate_targets(res: dict) -> list[dict]:
                 add("merged_vs_base_inference", f"{model} {r['mode']}: {r['name']}", r["vs_base"])
     for model, data in res.get("memory", {}).items():
         for r in data["rows"]:
-            if "step_peak_vs_lora" in r:
+            if "step_peak_vs_lora" in r and "@answers" not in r["name"]:  # that pair: logits, not adapters
                 add("peak_train_memory_vs_lora", f"{model}: {r['name']} vs {r['lora_ref']} (step peak)",
                     r["step_peak_vs_lora"])
     return out
