@@ -1,6 +1,6 @@
 """Helpers for the task-routed method tests (MTL-LoRA, Poly / MHR, C-Poly): tiny models built from
-configs (no downloads, dropout off so training mode is deterministic), method configs, and weight
-randomisation. Imported explicitly (``from _tiny import ...``); not a conftest."""
+configs (no downloads, dropout off so training mode is deterministic; the token-routed tests' conftest
+uses the same builders), method configs, and weight randomisation. Imported explicitly (``from _tiny import ...``); not a conftest."""
 
 from __future__ import annotations
 
@@ -32,17 +32,17 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def tiny_bert(seed: int = 0):
+def tiny_bert(seed: int = 0, n_layers: int = 2):
     torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=2, intermediate_size=64,
                      vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return BertModel(cfg).eval()
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, n_layers: int = 2):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return LlamaForCausalLM(cfg).eval()

@@ -17,14 +17,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM)
 
 import mtpeft  # noqa: E402
 from mtpeft.core.context import Route, RoutingState  # noqa: E402
+from _tiny import N_TASKS, VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402  (the same tiny models)
 
-VOCAB = 100
-N_TASKS = 3
 TOKEN_ROUTED = {
     "moelora": mtpeft.MoELoraConfig,
     "mosld": mtpeft.MoSLDConfig,
@@ -38,29 +35,6 @@ AUX_NAMES = {
     "teamlora": {"teamlora_balance"},
     "hydralora": set(),
 }
-
-
-def tiny_llama(seed: int = 0, n_layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert(seed: int = 0, n_layers: int = 2) -> BertModel:
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    return BertModel(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
