@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import mtpeft
 from mtpeft.data import IGNORE_INDEX, CausalLMCollator
-from mtpeft.evaluate import choice_log_likelihoods
+from mtpeft.evaluate import choice_log_likelihoods, shared_prompt_length
+from mtpeft.routing_report import RoutingAccumulator
 from mtpeft.label_logits import accepts_logits_to_keep, keep_label_logits, label_positions
 from mtpeft.trainer import MultiTaskTrainer
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
@@ -95,17 +96,33 @@ def test_trainer_keeps_label_logits_for_causal_lms_only(tmp_path):
     torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-6)
 
 
-def test_choice_scores_equal_the_full_log_softmax(smollm2_tokenizer, one_thread):
-    """A real chat prompt from SmolLM2's tokenizer, scored by a small random Llama over its vocabulary."""
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_choice_scores_equal_the_full_log_softmax(method, smollm2_tokenizer, one_thread):
+    """A real chat prompt from SmolLM2's tokenizer, scored by a small random Llama over its vocabulary:
+    the prompt once with its cache shared by the options equals every option row run whole."""
     tok = smollm2_tokenizer
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    model = mtpeft.get_model(base, mtpeft.LoraConfig(r=4)).eval()
+    model = mtpeft.get_model(base, CONFIGS[method]()).eval()
+    for p in model.parameters():  # B = 0 at init: give the adapters an effect
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
     collate = CausalLMCollator(tok, max_length=128)
     example = {"text": "Which city is the capital of France?", "choices": ["London", "Paris", "Rome of the Caesars"],
-               "label": 1, "task_id": 0}
-    scores = choice_log_likelihoods(model, collate, example)
+               "label": 1, "task_id": 2}
+    routing = RoutingAccumulator()
+    calls = []
+    hook = model.base_model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape),
+                                                      with_kwargs=True)
+    scores = choice_log_likelihoods(model, collate, example, routing)
+    hook.remove()
+    batch = collate.choice_batch(example)
+    prompt = shared_prompt_length(batch, batch["labels"])
+    assert prompt is not None and calls == [(1, prompt), (3, batch["input_ids"].shape[1] - prompt)]
+    if method == "moelora":  # each real token routed once: the prompt once, then each option's own tokens
+        stats = next(iter(routing.stats.values()))
+        assert int(stats["tokens"]) == prompt + int(batch["attention_mask"][:, prompt:].sum())
 
     batch = collate.choice_batch(example)
     labels = batch.pop("labels")
@@ -114,5 +131,41 @@ def test_choice_scores_equal_the_full_log_softmax(smollm2_tokenizer, one_thread)
     target = labels[:, 1:]
     expected = torch.stack([logprobs[o, target[o] != IGNORE_INDEX].gather(
         -1, target[o][target[o] != IGNORE_INDEX].unsqueeze(-1)).sum() for o in range(len(labels))])
-    assert scores.shape == (3,)
+    assert scores.shape == (3,) and len(set(scores.tolist())) == 3
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_options_with_different_prompts_are_scored_whole(smollm2_tokenizer):
+    batch = CausalLMCollator(smollm2_tokenizer, max_length=128).choice_batch(
+        {"text": "Pick one.", "choices": ["yes", "no"], "label": 0, "task_id": 0})
+    labels = batch["labels"]
+    prompt = shared_prompt_length(batch, labels)
+    assert prompt is not None
+    differing = {**batch, "input_ids": batch["input_ids"].clone()}
+    differing["input_ids"][1, prompt - 2] += 1  # the second option's prompt differs in one token
+    assert shared_prompt_length(differing, labels) is None
+
+
+def test_evaluate_causal_reports_the_sum_and_the_per_character_accuracy(smollm2_tokenizer, one_thread):
+    """Real BIG-bench examples (social_iqa: options of different lengths) scored by a small random Llama."""
+    from mtpeft.data import load_task
+    from mtpeft.evaluate import evaluate_causal
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = mtpeft.get_model(base, mtpeft.LoraConfig(r=4)).eval()
+    task = load_task("social_iqa")
+    result = evaluate_causal(model, tok, [task], split="test", limit=12, max_length=192)["tasks"]["social_iqa"]
+
+    collate = CausalLMCollator(tok, 192, tasks=[task])
+    rows = [{**r, "task_id": 0} for r in task.splits["test"][:12]]
+    plain = norm = 0
+    for row in rows:
+        scores = choice_log_likelihoods(model, collate, row)
+        chars = torch.tensor([len(c) for c in collate.choice_texts(row)], dtype=scores.dtype)
+        plain += int(scores.argmax()) == row["label"]
+        norm += int((scores / chars).argmax()) == row["label"]
+    assert result["n"] == 12 and plain != norm  # the two readings disagree on these examples
+    assert result["accuracy"] == plain / 12 and result["accuracy_norm"] == norm / 12

@@ -1,6 +1,8 @@
 """Per-task evaluation: accuracy / macro-F1 for classification (encoder heads, or a causal LM scoring
 the label names), log-likelihood over the choices for multiple choice, exact match of the generated
-text for free-text tasks. Returns per-task scores and their average."""
+text for free-text tasks. Returns per-task scores and their average. Scored options also report
+``accuracy_norm`` (the log-likelihood per character, lm-evaluation-harness's acc_norm); the score
+stays the plain sum."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator
-from .label_logits import accepts_logits_to_keep, label_positions
+from .label_logits import accepts_logits_to_keep, accepts_prompt_cache, label_positions
 from .routing_report import RoutingAccumulator
 
 
@@ -80,19 +82,62 @@ def _with_average(results: dict) -> dict:
     return {"tasks": results, "average": sum(scores) / max(len(scores), 1)}
 
 
+def shared_prompt_length(batch: dict, labels: torch.Tensor) -> int | None:
+    """P when every option row starts with the same P unpadded prompt tokens and the labels start at P;
+    None otherwise (a long text shortened differently for different options)."""
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if labelled.numel() == 0 or int(labelled[0]) == 0:
+        return None
+    p = int(labelled[0])
+    ids, mask = batch["input_ids"][:, :p], batch["attention_mask"][:, :p]
+    if not bool(mask.all()) or not bool((ids == ids[:1]).all()) or not bool((labels[:, p] != IGNORE_INDEX).all()):
+        return None
+    return p
+
+
+def _option_logits_after_shared_prompt(model, batch: dict, p: int, routing) -> torch.Tensor:
+    """The prompt runs once (its cache copied to every option row), then the options' tokens:
+    logits (options, A, vocab) where position j predicts option token j (A = padded option length)."""
+    n = batch["input_ids"].shape[0]
+    task_ids = batch["task_ids"]
+    first = model(input_ids=batch["input_ids"][:1, :p], attention_mask=batch["attention_mask"][:1, :p],
+                  task_ids=task_ids[:1], use_cache=True, logits_to_keep=1)
+    if routing is not None:
+        routing.add(model)
+    cache = first.cache
+    cache.batch_repeat_interleave(n)  # (1, ...) -> (options, ...)
+    rest = model(input_ids=batch["input_ids"][:, p:], attention_mask=batch["attention_mask"], task_ids=task_ids,
+                 cache=cache, use_cache=True)
+    if routing is not None:
+        routing.add(model)
+    # the prompt's last position predicts option token 0; option position j predicts token j + 1
+    return torch.cat([first.logits.expand(n, -1, -1), rest.logits[:, :-1]], dim=1).float()
+
+
 @torch.no_grad()
-def choice_log_likelihoods(model, collate: CausalLMCollator, example: dict) -> torch.Tensor:
+def choice_log_likelihoods(model, collate: CausalLMCollator, example: dict,
+                           routing: RoutingAccumulator | None = None) -> torch.Tensor:
     """Sum of the log-probabilities of each option's answer tokens given the prompt: (n_options,).
-    Logits are computed at the positions that predict an answer token only, where the model allows."""
+
+    The prompt, shared by the options, runs once and its key/value cache serves every option (the
+    options' rows differ after it only); logits are computed where they predict an answer token. A
+    model without ``cache`` / ``logits_to_keep`` in its forward, or options whose prompts differ, take
+    the plain path: every row whole. Router statistics go to ``routing`` for each forward."""
     batch = collate.choice_batch(example)
     labels = batch.pop("labels")
-    if accepts_logits_to_keep(model):
+    p = shared_prompt_length(batch, labels) if accepts_prompt_cache(model) else None
+    if p is not None:
+        logits = _option_logits_after_shared_prompt(model, batch, p, routing)  # (options, A, vocab)
+        target = labels[:, p:]  # (options, A)
+    elif accepts_logits_to_keep(model):
         positions = label_positions(labels)  # (P,)
         logits = model(**batch, logits_to_keep=positions).logits.float()  # (options, P, vocab)
         target = labels[:, positions + 1]  # the next-token targets of those positions, (options, P)
     else:
         logits = model(**batch).logits.float()[:, :-1]  # (options, seq-1, vocab)
         target = labels[:, 1:]  # next-token targets, (options, seq-1)
+    if p is None and routing is not None:
+        routing.add(model)
     logprobs = F.log_softmax(logits, dim=-1)
     mask = target != IGNORE_INDEX
     picked = logprobs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (options, positions)
@@ -119,12 +164,14 @@ def evaluate_causal(model, tokenizer, tasks, *, split="test", batch_size=16, max
             score = exact_match(refs, preds)
             results[task.name] = {"metric": "exact_match", "score": score, "n": len(rows)}
         else:
-            gold, pred = [], []
+            gold, pred, pred_norm = [], [], []
             for row in rows:
-                scores = choice_log_likelihoods(model, collate, row)
-                if routing is not None:
-                    routing.add(model)
+                scores = choice_log_likelihoods(model, collate, row, routing)
                 pred.append(int(scores.argmax()))
+                # lm-evaluation-harness's acc_norm: the log-likelihood per character of the option, so that
+                # a long option is not penalised for its length alone
+                chars = torch.tensor([max(len(c), 1) for c in collate.choice_texts(row)], dtype=scores.dtype)
+                pred_norm.append(int((scores / chars).argmax()))
                 gold.append(int(row["label"]))
-            results[task.name] = _score(task, gold, pred)
+            results[task.name] = {**_score(task, gold, pred), "accuracy_norm": accuracy(gold, pred_norm)}
     return _with_average(results)

@@ -26,6 +26,13 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def accepts_prompt_cache(model) -> bool:
+    """Whether the model takes a key/value ``cache`` and ``logits_to_keep`` (transformers' causal LMs)."""
+    base = model.base_model if isinstance(model, MultiTaskModel) else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" in params and "logits_to_keep" in params
+
+
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions p of a (batch, seq) label tensor whose next token p + 1 is a label in any row: (P,)."""
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)

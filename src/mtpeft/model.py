@@ -179,9 +179,19 @@ class MultiTaskModel(nn.Module):
         task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
         if self._base_takes_task_ids:
             kwargs["task_ids"] = task_ids
-        with self.routing.scope(task_ids, kwargs.get("attention_mask"), record=True):
+        with self.routing.scope(task_ids, self._new_tokens_mask(kwargs), record=True):
             output = self.base_model(*args, **kwargs)
         return self._attach_aux(output)
+
+    def _new_tokens_mask(self, kwargs: dict) -> torch.Tensor | None:
+        """The padding mask of the tokens this call runs. A decoder-only model given a key/value cache
+        takes a mask over cached + new tokens (batch, past + new); its new tokens are the last columns."""
+        mask, new = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        if (mask is None or new is None or not cached or mask.dim() != 2
+                or getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False)):
+            return mask
+        return mask[:, -new.shape[1]:]
 
     def _attach_aux(self, output):
         aux = self.routing.summed_aux_losses()
