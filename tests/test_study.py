@@ -99,3 +99,21 @@ def test_summary_mean_std_over_seeds_and_median_time_per_step(tmp_path):
     row = summarise(runs + [{"label": "m", "seed": 3, "config": {"output_dir": str(out)}}])["m"]
     assert row["tasks"]["t1"]["n"] == 4 and row["tasks"]["t2"]["n"] == 3
     assert abs(row["average"]["mean"] - 0.7) < 1e-12 and row["average"]["n"] == 3
+    assert "accuracy_norm" not in row  # encoder runs: one reading only
+
+
+def test_summary_reports_acc_norm_of_scored_options_in_a_second_table(tmp_path):
+    from mtpeft.study import results_markdown, summarise
+
+    runs = []
+    for label, norm in (("a", 0.25), ("b", None)):
+        out = tmp_path / label
+        out.mkdir()
+        task = {"score": 0.5, **({"accuracy_norm": norm} if norm is not None else {})}
+        (out / "metrics.json").write_text(json.dumps({
+            "tasks": {"siqa": task}, "trainable_parameters": {"shared": 4}, "seconds_per_step": 1.0}))
+        runs.append({"label": label, "seed": 0, "config": {"output_dir": str(out)}})
+    table = summarise(runs)
+    assert table["a"]["accuracy_norm"]["siqa"]["mean"] == 0.25 and "accuracy_norm" not in table["b"]
+    text = results_markdown(table)
+    assert "(acc_norm)" in text and "| a | 25.0 ± 0.0 |" in text and "| b | – |" in text

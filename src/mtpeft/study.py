@@ -111,10 +111,13 @@ def summarise(runs: list[dict]) -> dict:
         if not path.exists():
             continue
         metrics = json.loads(path.read_text())
-        entry = by_label.setdefault(planned["label"], {"scores": {}, "params": [], "step": [], "seeds": set()})
+        entry = by_label.setdefault(planned["label"], {"scores": {}, "norm": {}, "params": [], "step": [],
+                                                        "seeds": set()})
         entry["seeds"].add(planned["seed"])
         for task, result in metrics["tasks"].items():
             entry["scores"].setdefault(task, {}).setdefault(planned["seed"], result["score"])
+            if "accuracy_norm" in result:  # scored options (causal LMs): the per-character reading too
+                entry["norm"].setdefault(task, []).append(result["accuracy_norm"])
         entry["params"].append(sum(metrics["trainable_parameters"].values()))
         entry["step"].append(metrics["seconds_per_step"])
     table = {}
@@ -128,6 +131,8 @@ def summarise(runs: list[dict]) -> dict:
         table[label] = {"tasks": tasks, "average": _mean_std(averages) if averages else None, "seeds": seeds,
                         "trainable_parameters": max(entry["params"]),
                         "seconds_per_step": statistics.median(entry["step"])}
+        if entry["norm"]:
+            table[label]["accuracy_norm"] = {t: _mean_std(v) for t, v in entry["norm"].items()}
     return table
 
 
@@ -147,6 +152,15 @@ def results_markdown(table: dict) -> str:
         avg_cell = f"{100 * avg['mean']:.1f} ± {100 * avg['std']:.1f}" if avg else "–"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg_cell} | "
                      f"{row['trainable_parameters']:,} | {row['seconds_per_step']:.3f} | {len(row['seeds'])} |")
+    norm_tasks = list(dict.fromkeys(t for row in table.values() for t in row.get("accuracy_norm", {})))
+    if norm_tasks:
+        lines += ["", "Accuracy with the log-likelihood per character of each option (acc_norm):", "",
+                  "| method | " + " | ".join(norm_tasks) + " |", "|" + "---|" * (len(norm_tasks) + 1)]
+        for label, row in table.items():
+            norm = row.get("accuracy_norm", {})
+            lines.append(f"| {label} | " + " | ".join(
+                f"{100 * norm[t]['mean']:.1f} ± {100 * norm[t]['std']:.1f}" if t in norm else "–"
+                for t in norm_tasks) + " |")
     return "\n".join(lines)
 
 
