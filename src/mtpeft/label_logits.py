@@ -19,18 +19,21 @@ from .data.collate import IGNORE_INDEX
 from .model import MultiTaskModel
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether ``model`` (an mtpeft wrapper or a bare transformers model) slices its logits on request."""
+def _forward_parameters(model) -> frozenset[str]:
+    """The keyword names the underlying transformers model's ``forward`` takes."""
     # A transformers model's own ``base_model`` is its backbone (no head): unwrap ours only.
     base = model.base_model if isinstance(model, MultiTaskModel) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return frozenset(inspect.signature(base.forward).parameters)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether ``model`` (an mtpeft wrapper or a bare transformers model) slices its logits on request."""
+    return "logits_to_keep" in _forward_parameters(model)
 
 
 def accepts_prompt_cache(model) -> bool:
     """Whether the model takes a key/value ``cache`` and ``logits_to_keep`` (transformers' causal LMs)."""
-    base = model.base_model if isinstance(model, MultiTaskModel) else model
-    params = inspect.signature(base.forward).parameters
-    return "cache" in params and "logits_to_keep" in params
+    return {"cache", "logits_to_keep"} <= _forward_parameters(model)
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
