@@ -52,7 +52,10 @@ def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
     assert ("lora_vs_floor", "minilm: lora_r8") in targets
     assert any(t == "reference_loop_vs_fast_path_E8" for t, _ in targets)
     for t in res["targets"]:
-        assert set(t) == {"target", "subject", "value", "bound", "met"} and isinstance(t["met"], bool)
+        assert set(t) == {"target", "subject", "value", "ci", "bound", "met", "verdict"} and isinstance(t["met"], bool)
+    lora_floor = next(t for t in res["targets"] if t["target"] == "lora_vs_floor")
+    assert lora_floor["ci"] == rows["lora_r8"]["vs_floor_ci"] and lora_floor["ci"][0] <= lora_floor["value"] <= lora_floor["ci"][1]
+    assert lora_floor["verdict"] in ("met", "missed", "noise")
 
     printed = capsys.readouterr().out
     assert "train step, minilm" in printed and "targets" in printed
@@ -99,6 +102,45 @@ def test_interleaved_alternates_the_order_and_pairs_rounds():
     assert t.ratio("a", "b") == 2.0  # median of the per-round ratios 2, 2, 9 (not 4 / 1)
     t.contended["a"] = [False, False, True]
     assert t.median("a") == 3.0 and t.clean_count("a") == 2  # the contended sample is left out
+
+
+def test_median_interval_is_the_sign_test_interval_and_decides_targets_only_when_clear_of_the_bound():
+    values = [1.0, 1.3, 0.9, 1.1, 1.2, 0.95, 1.05]
+    # n = 7: P(all 7 on one side of the median) = 2 / 128 < 5 %, P(<= 1 on one side) = 16 / 128 > 5 %.
+    assert bench.median_ci(values) == [0.9, 1.3]
+    twenty = [float(i) for i in range(20)]
+    # n = 20: P(Binomial(20, 1/2) <= 5) = 2.07 % <= 2.5 % < P(<= 6) = 5.77 %, so the 6th value from each end.
+    assert bench.median_ci(twenty) == [5.0, 14.0]
+    assert bench.median_ci([2.0, 1.0]) == [1.0, 2.0]  # too few for 95 %: min and max
+
+    assert bench.verdict("<=", 1.05, [0.98, 1.04]) == "met"
+    assert bench.verdict("<=", 1.05, [1.06, 1.20]) == "missed"
+    assert bench.verdict("<=", 1.05, [1.00, 1.10]) == "noise"
+    assert bench.verdict(">=", 2.0, [2.1, 2.5]) == "met" and bench.verdict(">=", 2.0, [1.5, 1.9]) == "missed"
+    assert bench.verdict("<=", 1.05, None) is None
+
+    t = bench.Timings({"a": [2.0, 4.0, 9.0, 3.0], "b": [1.0, 2.0, 1.0, 1.0]})
+    assert t.ratio_ci("a", "b") == [2.0, 9.0] and t.ratio("a", "b") == 2.5
+
+
+def test_only_keeps_the_groups_of_the_named_subjects_and_names_a_typo():
+    groups = [["floor", "lora_r8", "peft_lora_r8"], ["floor", "moelora", "lora_r32"], ["floor", "poly", "lora_r8"]]
+    assert bench.only_groups(groups, None) == groups
+    assert bench.only_groups(groups, ["poly", "lora_r8"]) == [groups[0], groups[2]]
+    with pytest.raises(ValueError, match="'polly'.*choose from.*'moelora'"):
+        bench.only_groups(groups, ["polly"], "minilm")
+    with pytest.raises(ValueError, match="lora_r32"):  # a reference case is no group's subject
+        bench.only_groups(groups, ["lora_r32"], "minilm")
+
+
+def test_only_through_the_cli_times_and_reports_just_those_groups(tmp_path):
+    out = tmp_path / "only.json"
+    assert bench.main(["train", "--quick", "--silent", "--json", "--only", "lora_r8", "--out", str(out)]) == 0
+    train = json.loads(out.read_text())["train"]["minilm"]
+    assert train["groups"] == [["floor", "lora_r8", "peft_lora_r8"]]
+    assert [r["name"] for r in train["rows"]] == ["floor", "lora_r8", "peft_lora_r8"]
+    with pytest.raises(ValueError, match="no minilm train group has the subject 'lora_r9'"):
+        bench.main(["train", "--quick", "--silent", "--only", "lora_r9"])
 
 
 # ------------------------------------------------------------------------------- exactness of the fast paths

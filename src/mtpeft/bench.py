@@ -172,6 +172,15 @@ class Timings:
         clean = [x / y for x, y, ca, cb in pairs if not (ca or cb)]
         return statistics.median(clean if len(clean) >= 2 else [x / y for x, y, _, _ in pairs])
 
+    def ratio_ci(self, a: str, b: str, level: float = 0.95) -> list[float]:
+        """A distribution-free confidence interval for :meth:`ratio` (the median of per-round ratios),
+        from the order statistics of the same rounds (the sign-test interval)."""
+        fa = self.contended.get(a) or [False] * len(self.samples[a])
+        fb = self.contended.get(b) or [False] * len(self.samples[b])
+        pairs = list(zip(self.samples[a], self.samples[b], fa, fb))
+        clean = [x / y for x, y, ca, cb in pairs if not (ca or cb)]
+        return median_ci(clean if len(clean) >= 2 else [x / y for x, y, _, _ in pairs], level)
+
     def spread(self, name: str) -> float:
         """(max - min) / median of the samples used: how noisy the case was."""
         s = self._clean(name)
@@ -179,6 +188,22 @@ class Timings:
 
     def clean_count(self, name: str) -> int:
         return sum(not c for c in (self.contended.get(name) or [False] * len(self.samples[name])))
+
+
+def median_ci(values: list[float], level: float = 0.95) -> list[float]:
+    """[lo, hi] holding the median of the distribution ``values`` were drawn from with probability >=
+    ``level``: the k-th smallest and k-th largest value, k from the binomial(n, 1/2) tail (no assumption
+    on the distribution). Under 6 values no such pair exists at 95 %: then [min, max], which covers less."""
+    s = sorted(values)
+    n = len(s)
+    tail, k = 0.0, 0
+    for j in range(n):  # P(fewer than k+1 of n values lie below the median) must stay <= (1 - level) / 2
+        tail += math.comb(n, j) / 2**n
+        if tail > (1 - level) / 2:
+            break
+        k = j + 1
+    k = max(k, 1)
+    return [s[k - 1], s[n - k]]
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -247,6 +272,10 @@ def _raw(t: Timings) -> dict:
 
 def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(float(x), nd)
+
+
+def _ci(bounds: list[float]) -> list[float]:
+    return [_r(b) for b in bounds]
 
 
 # =============================================================================== models and methods
@@ -555,6 +584,18 @@ def train_groups(variants: list[Variant]) -> list[list[str]]:
     return groups
 
 
+def only_groups(groups: list[list[str]], only: list[str] | None, model: str = "") -> list[list[str]]:
+    """The groups whose subject (the case after the floor) is in ``only`` (all groups without it), so that
+    a few comparisons can be run for many more rounds than a whole section affords."""
+    if not only:
+        return groups
+    subjects = [g[1] for g in groups if len(g) > 1]
+    unknown = [n for n in only if n not in subjects]
+    if unknown:
+        raise ValueError(f"--only: no {model} train group has the subject {unknown[0]!r}; choose from {subjects}.")
+    return [g for g in groups if len(g) > 1 and g[1] in only]
+
+
 def bench_train(args) -> dict:
     torch = _torch()
     results: dict[str, Any] = {}
@@ -567,6 +608,9 @@ def bench_train(args) -> dict:
         vocab = base.config.vocab_size
         batch = make_batch(spec, vocab, batch_size, seq)
         variants = train_variants(spec, base, args.quick)
+        groups = only_groups(train_groups(variants), getattr(args, "only", None), model_name)
+        wanted = {n for g in groups for n in g}
+        variants = [v for v in variants if v.name in wanted]
         steps, flops, params = {}, {}, {}
         for v in variants:
             torch.manual_seed(0)
@@ -577,7 +621,6 @@ def bench_train(args) -> dict:
             steps[v.name] = step
             for _ in range(max(args.warmup - 1, 0)):
                 step()
-        groups = train_groups(variants)
         _log(args, f"train/{model_name}: {len(steps)} cases in {len(groups)} groups, batch {batch_size}x{seq}, "
                    f"{args.repeats} rounds")
         timings = [interleaved({n: steps[n] for n in g}, repeats=args.repeats, warmup=1,
@@ -597,16 +640,18 @@ def bench_train(args) -> dict:
                 "name": v.name, "kind": v.kind, "routing": v.routing, "task_batch": v.task_mode, "note": v.note,
                 "group": gi, "trainable_params": params[v.name], "median_s": _r(t.median(v.name), 4),
                 "spread": _r(t.spread(v.name)), "clean_samples": t.clean_count(v.name),
-                "vs_floor": _r(t.ratio(v.name, "floor")),
+                "vs_floor": _r(t.ratio(v.name, "floor")), "vs_floor_ci": _ci(t.ratio_ci(v.name, "floor")),
                 "flop_predicted_vs_floor": _r(flops[v.name] / flops["floor"]), "gflops": _r(flops[v.name] / 1e9, 2),
             }
             if v.lora_ref and v.lora_ref in group:
                 row["lora_ref"] = v.lora_ref
                 row["vs_equal_rank_lora"] = _r(t.ratio(v.name, v.lora_ref))
+                row["vs_equal_rank_lora_ci"] = _ci(t.ratio_ci(v.name, v.lora_ref))
                 row["flop_predicted_vs_equal_rank_lora"] = _r(flops[v.name] / flops[v.lora_ref])
             if v.peft_ref and v.peft_ref in group:
                 row["peft_ref"] = v.peft_ref
                 row["vs_peft"] = _r(t.ratio(v.name, v.peft_ref))
+                row["vs_peft_ci"] = _ci(t.ratio_ci(v.name, v.peft_ref))
             single = v.name + "@single"
             if single in group:
                 row["mixed_vs_single"] = _r(t.ratio(v.name, single))
@@ -821,8 +866,8 @@ def bench_infer(args) -> dict:
                 cases[f"{name}_mixed"] = run(m, task_ids=mixed)
         _log(args, f"infer/{model_name} forward: {len(cases)} cases")
         t = interleaved(cases, repeats=args.repeats, warmup=args.warmup, extra_rounds=args.extra_rounds)
-        rows = [{"name": n, "mode": "forward", "median_s": _r(t.median(n), 4), "vs_base": _r(t.ratio(n, "base"))}
-                for n in cases]
+        rows = [{"name": n, "mode": "forward", "median_s": _r(t.median(n), 4), "vs_base": _r(t.ratio(n, "base")),
+                 "vs_base_ci": _ci(t.ratio_ci(n, "base"))} for n in cases]
         for row in rows:
             if row["name"] == "task_lora_mixed":
                 row["vs_peft_mixed"] = _r(t.ratio("task_lora_mixed", "peft_lora_mixed"))
@@ -843,7 +888,7 @@ def bench_infer(args) -> dict:
             _log(args, f"infer/{model_name} generate: {len(gcases)} cases")
             tg = interleaved(gcases, repeats=args.repeats, warmup=1, extra_rounds=args.extra_rounds)
             grows = [{"name": n, "mode": f"generate {batch_size}x16+{new}", "median_s": _r(tg.median(n), 4),
-                      "vs_base": _r(tg.ratio(n, "base"))} for n in gcases]
+                      "vs_base": _r(tg.ratio(n, "base")), "vs_base_ci": _ci(tg.ratio_ci(n, "base"))} for n in gcases]
             for row in grows:
                 if row["name"] == "task_lora_mixed":
                     row["vs_peft_mixed"] = _r(tg.ratio("task_lora_mixed", "peft_lora_mixed"))
@@ -943,31 +988,47 @@ def bench_memory(args) -> dict:
 # =============================================================================== targets and report
 
 
+def verdict(op: str, bound: float, ci: list[float] | None) -> str | None:
+    """"met" / "missed" when the whole confidence interval is on one side of the bound, "noise" when it
+    straddles it (this run cannot tell), None without an interval."""
+    if not ci:
+        return None
+    lo, hi = ci
+    good, bad = (hi <= bound, lo > bound) if op == "<=" else (lo >= bound, hi < bound)
+    return "met" if good else "missed" if bad else "noise"
+
+
+def measured(row: dict, key: str) -> tuple[float | None, list[float] | None]:
+    """A row's ratio and its confidence interval (None where the row has no interval, e.g. memory)."""
+    return row.get(key), row.get(key + "_ci")
+
+
 def evaluate_targets(res: dict) -> list[dict]:
     out = []
 
-    def add(target, subject, value):
+    def add(target, subject, value, ci=None):
         op, bound = TARGETS[target]
         if value is None:
             return
         met = value <= bound if op == "<=" else value >= bound
-        out.append({"target": target, "subject": subject, "value": value, "bound": f"{op} {bound}", "met": met})
+        out.append({"target": target, "subject": subject, "value": value, "ci": ci, "bound": f"{op} {bound}",
+                    "met": met, "verdict": verdict(op, bound, ci)})
 
     for model, data in res.get("train", {}).items():
         rows = {r["name"]: r for r in data["rows"]}
         if "lora_r8" in rows:
-            add("lora_vs_floor", f"{model}: lora_r8", rows["lora_r8"]["vs_floor"])
-            add("lora_vs_peft_lora", f"{model}: lora_r8", rows["lora_r8"].get("vs_peft"))
+            add("lora_vs_floor", f"{model}: lora_r8", *measured(rows["lora_r8"], "vs_floor"))
+            add("lora_vs_peft_lora", f"{model}: lora_r8", *measured(rows["lora_r8"], "vs_peft"))
         for r in data["rows"]:
             if r["routing"] == "token" and not r["name"].endswith("_loop"):
                 add("token_routed_vs_equal_rank_lora", f"{model}: {r['name']} vs {r.get('lora_ref')}",
-                    r.get("vs_equal_rank_lora"))
-                add("token_routed_vs_floor", f"{model}: {r['name']}", r["vs_floor"])
+                    *measured(r, "vs_equal_rank_lora"))
+                add("token_routed_vs_floor", f"{model}: {r['name']}", *measured(r, "vs_floor"))
             if r["routing"] == "task" and r["task_batch"] == "mixed":
                 add("task_routed_mixed_vs_lora", f"{model}: {r['name']} vs {r.get('lora_ref')}",
-                    r.get("vs_equal_rank_lora"))
+                    *measured(r, "vs_equal_rank_lora"))
             if r["name"] in ("poly", "mhr"):
-                add("poly_mhr_vs_peft", f"{model}: {r['name']} vs {r.get('peft_ref')}", r.get("vs_peft"))
+                add("poly_mhr_vs_peft", f"{model}: {r['name']} vs {r.get('peft_ref')}", *measured(r, "vs_peft"))
     layer = res.get("layer", {}).get("rows", [])
     for method in sorted({r["method"] for r in layer if r["routing"] == "token"}):
         sel = [r for r in layer if r["method"] == method and r["E"] == 8]
@@ -979,12 +1040,12 @@ def evaluate_targets(res: dict) -> list[dict]:
     for model, data in res.get("infer", {}).items():
         for r in data["rows"]:
             if r["name"] in ("lora_merged", "task_lora_merged"):
-                add("merged_vs_base_inference", f"{model} {r['mode']}: {r['name']}", r["vs_base"])
+                add("merged_vs_base_inference", f"{model} {r['mode']}: {r['name']}", *measured(r, "vs_base"))
     for model, data in res.get("memory", {}).items():
         for r in data["rows"]:
             if "step_peak_vs_lora" in r and "@answers" not in r["name"]:  # that pair: logits, not adapters
                 add("peak_train_memory_vs_lora", f"{model}: {r['name']} vs {r['lora_ref']} (step peak)",
-                    r["step_peak_vs_lora"])
+                    *measured(r, "step_peak_vs_lora"))
     return out
 
 
@@ -1016,9 +1077,13 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ["name", "step_peak_mb", "peak_rss_mb", "lora_ref", "step_peak_vs_lora", "peak_rss_vs_lora"],
             data["rows"])
     if res.get("targets"):
-        out.append(("targets", ["target", "subject", "value", "bound", "met"],
-                    [[t["target"], t["subject"], _fmt(t["value"]), t["bound"], "yes" if t["met"] else "NO"]
-                     for t in res["targets"]]))
+        def ci(t):
+            return f"{t['ci'][0]:.3f}-{t['ci'][1]:.3f}" if t.get("ci") else ""
+
+        out.append(("targets (met: the median; verdict: where the 95 % interval of the median lies)",
+                    ["target", "subject", "value", "95% CI", "bound", "met", "verdict"],
+                    [[t["target"], t["subject"], _fmt(t["value"]), ci(t), t["bound"], "yes" if t["met"] else "NO",
+                      t.get("verdict") or ""] for t in res["targets"]]))
     return out
 
 
@@ -1061,6 +1126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-rounds", type=int, default=None,
                    help="rounds added at most while samples are contended by other processes (default: "
                         "--repeats; --quick: 0)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="train: only the groups of these comma-separated cases (e.g. lora_r8,poly,moelora), to give "
+                        "a few comparisons many rounds (--repeats 40)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 2; --quick: 1, as a smoke test on a shared machine, where "
                         "two OpenMP threads competing with other jobs wait on each other)")
@@ -1084,6 +1152,7 @@ def run(args) -> dict:
     for m in args.models:
         if m not in MODELS:
             raise ValueError(f"unknown model {m!r}; choose from {sorted(MODELS)}.")
+    args.only = args.only.split(",") if isinstance(args.only, str) else args.only
     args.repeats = args.repeats or (2 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.extra_rounds is None:
@@ -1093,7 +1162,7 @@ def run(args) -> dict:
     CLOCK["now"] = CLOCKS[args.clock]
     res: dict[str, Any] = {"meta": machine_info(args.threads)}
     res["meta"].update(quick=args.quick, clock=args.clock, sections=sections, models=args.models, repeats=args.repeats,
-                       warmup=args.warmup, load_average_start=load_average())
+                       warmup=args.warmup, only=args.only, load_average_start=load_average())
     t0 = time.time()
     fns = {"layer": bench_layer, "train": bench_train, "infer": bench_infer, "memory": bench_memory}
     for s in sections:
