@@ -54,7 +54,8 @@ def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
     for t in res["targets"]:
         assert set(t) == {"target", "subject", "value", "ci", "bound", "met", "verdict"} and isinstance(t["met"], bool)
     lora_floor = next(t for t in res["targets"] if t["target"] == "lora_vs_floor")
-    assert lora_floor["ci"] == rows["lora_r8"]["vs_floor_ci"] and lora_floor["ci"][0] <= lora_floor["value"] <= lora_floor["ci"][1]
+    assert lora_floor["ci"] == rows["lora_r8"]["vs_floor_ci"]
+    assert lora_floor["ci"][0] <= lora_floor["value"] <= lora_floor["ci"][1]
     assert lora_floor["verdict"] in ("met", "missed", "noise")
 
     printed = capsys.readouterr().out
@@ -66,6 +67,18 @@ def test_quick_layer_and_train_through_the_cli(tmp_path, capsys):
     assert "**train step, minilm 4x64" in markdown and "| name | median s | vs floor |" in markdown
     lora = rows["lora_r8"]
     assert f"| lora_r8 | {lora['median_s']:.3f} | {lora['vs_floor']:.3f} |" in markdown
+
+    # A run saved before intervals were reported gets them from its raw samples, and its verdicts.
+    old = json.loads(out.read_text())
+    for row in old["train"]["minilm"]["rows"]:
+        for key in [k for k in row if k.endswith("_ci")]:
+            del row[key]
+    old["targets"] = [{k: v for k, v in t.items() if k not in ("ci", "verdict")} for t in old["targets"]]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert bench.main(["--show", str(tmp_path / "old.json"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"]["minilm"]["rows"] == res["train"]["minilm"]["rows"]
+    assert shown["targets"] == res["targets"]
 
 
 def test_quick_infer_and_memory(tmp_path):
