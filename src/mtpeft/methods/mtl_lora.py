@@ -12,10 +12,13 @@ Shapes (per adapted linear, T tasks, n up-projections):
 
 Parameters: r·d_in + n·r·d_out + T·r² + T·n (diagonal Λ: T·r instead of T·r²).
 
-How it runs: z = s · drop(x) Aᵀ is computed once for the whole batch (A is shared). For each task
-present in the batch, C_t = B̃_t Λ_t (d_out × r) is built once, then every row gathers its task's C
-and one batched GEMM gives Δy = z C_tᵀ. For a fixed task the update is the rank-≤r matrix
-s · C_t A, so the layer merges into W0 and exports as a plain LoRA (A, s·C_t).
+How it runs: z = drop(x) Aᵀ is computed once for the whole batch (A is shared). For each of the G
+tasks present in the batch, C_t = B̃_t Λ_t (d_out × r) is built once. A single-task batch is then
+LoRA's second GEMM, s·z C_tᵀ; in a mixed batch each token's s·z is placed in its task's r-column block
+of an (N, G·r) matrix (zeros elsewhere) and one GEMM with [C_1ᵀ; …; C_Gᵀ] (G·r × d_out) gives Δy,
+added into the base output in place (faster on CPU than a gathered C per row and a batched GEMM, at
+G·r extra columns). For a fixed task the update is the rank-≤r matrix s · C_t A, so the layer merges
+into W0 and exports as a plain LoRA (A, s·C_t).
 
 Choices between readings (this module follows mtpeft's METHODS.md §7):
 * Λ_t is a full r×r matrix initialised to the identity (the paper's "task-specific transformation");
@@ -34,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import (AdapterConfig, check_choice, check_positive_int, check_positive_number, check_probability,
@@ -150,17 +154,22 @@ class MTLLoraLayer(AdaptedLayer):
         return b_mix @ lam  # (G, d_out, r) @ (G, r, r)
 
     # ------------------------------------------------------------------ forward
-    def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+    def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         ids = require_task_ids(route, self.config.method).to(x.device)
         tasks, inverse = group_by_task(ids, self.n_tasks, self.config.unknown_task)  # (G,), (rows,)
         c = self.task_matrices(tasks)  # (G, d_out, r)
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, d_in)
-        z = dropout_linear(self.dropout, rows, self.lora_A) * self.scaling  # (rows, tokens, r), A computed once
-        if c.shape[0] == 1:  # a single-task batch: no gather
-            y = z @ c[0].T
-        else:
-            y = torch.bmm(z, c[inverse].transpose(1, 2))  # (rows, tokens, r) @ (rows, r, d_out)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        g, r = c.shape[0], c.shape[2]
+        right = c.transpose(1, 2).reshape(g * r, self.out_features)  # (G·r, d_out): every C_tᵀ stacked
+        x2d = x.reshape(-1, x.shape[-1])  # (N, d_in), N = rows · tokens, rows first
+        z = dropout_linear(self.dropout, x2d, self.lora_A)  # (N, r): A is shared, computed once
+        if g == 1:  # a single-task batch: exactly LoRA's two GEMMs
+            return z * self.scaling, right
+        # A mixed batch: each token's z goes to its task's block of an (N, G·r) matrix, zeros elsewhere,
+        # so one GEMM with every task's C (as in the token-routed mixtures) replaces a gather of one C
+        # per row and a batched GEMM, and the base layer adds it into its output in place.
+        token_task = inverse.repeat_interleave(x2d.shape[0] // ids.shape[0])  # (N,)
+        gate = F.one_hot(token_task, g).to(z.dtype) * self.scaling  # (N, G)
+        return (gate[:, :, None] * z[:, None, :]).reshape(-1, g * r), right  # (N, G·r), (G·r, d_out)
 
     def lora_factors(self, task: int | None):
         if task is None:
