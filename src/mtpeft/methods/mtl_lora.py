@@ -146,20 +146,26 @@ class MTLLoraLayer(AdaptedLayer):
 
     def task_matrices(self, tasks: torch.Tensor) -> torch.Tensor:
         """C_t = B̃_t Λ_t for each entry of ``tasks`` (G,): (G, d_out, r), in the adapter dtype."""
+        return self.transposed_task_matrices(tasks).transpose(1, 2)
+
+    def transposed_task_matrices(self, tasks: torch.Tensor) -> torch.Tensor:
+        """C_tᵀ = Λ_tᵀ B̃_tᵀ for each entry of ``tasks`` (G,): (G, r, d_out), contiguous (the forward's
+        right factor as a free view)."""
+        n, d_out, r = self.lora_B.shape
         pi = self.mixing_weights(tasks).to(self.lora_B.dtype)  # (G, n)
-        b_mix = torch.einsum("gn,nor->gor", pi, self.lora_B)  # (G, d_out, r)
+        b_mix_t = (pi @ self.lora_B.reshape(n, d_out * r)).view(-1, d_out, r).transpose(1, 2)  # (G, r, d_out)
         lam = self.lambdas(tasks)
         if lam.dim() == 2:  # diagonal Λ: scale B̃'s columns
-            return b_mix * lam[:, None, :]
-        return b_mix @ lam  # (G, d_out, r) @ (G, r, r)
+            return lam[:, :, None] * b_mix_t
+        return lam.transpose(1, 2) @ b_mix_t  # (G, r, r) @ (G, r, d_out)
 
     # ------------------------------------------------------------------ forward
     def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
         ids = require_task_ids(route, self.config.method).to(x.device)
         tasks, inverse = group_by_task(ids, self.n_tasks, self.config.unknown_task)  # (G,), (rows,)
-        c = self.task_matrices(tasks)  # (G, d_out, r)
-        g, r = c.shape[0], c.shape[2]
-        right = c.transpose(1, 2).reshape(g * r, self.out_features)  # (G·r, d_out): every C_tᵀ stacked
+        c_t = self.transposed_task_matrices(tasks)  # (G, r, d_out)
+        g, r = c_t.shape[0], c_t.shape[1]
+        right = c_t.reshape(g * r, self.out_features)  # (G·r, d_out): every C_tᵀ stacked
         x2d = x.reshape(-1, x.shape[-1])  # (N, d_in), N = rows · tokens, rows first
         z = dropout_linear(self.dropout, x2d, self.lora_A)  # (N, r): A is shared, computed once
         if g == 1:  # a single-task batch: exactly LoRA's two GEMMs
