@@ -13,32 +13,18 @@ step goes beyond LoRA's on small batches.
 import sys
 
 import torch
-from torch import nn
 
 import mtpeft as mt
+from mtpeft.bench.layer import standalone
 from mtpeft.bench.timing import interleaved, set_threads
-from mtpeft.config import get_layer_class
-from mtpeft.core.context import RoutingState
-
-
-def standalone(cfg, d_in: int, d_out: int):
-    torch.manual_seed(0)
-    base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
-    layer = get_layer_class(cfg.method)(base, cfg, module_name="layers.0.proj", routing=RoutingState(),
-                                        layer_index=0, n_layers=1)
-    with torch.no_grad():  # non-zero B (B = 0 at init)
-        for name, p in layer.named_parameters():
-            if not name.startswith("base_layer") and "B" in name:
-                p.normal_(0, 0.02)
-    return layer.train()
 
 
 def mtl_cases(fb, d_out: int) -> dict:
     cases = {}
     for p in (0.0, 0.05):
-        lora = standalone(mt.LoraConfig(r=8, lora_alpha=16, lora_dropout=p), 576, d_out)
+        lora = standalone(mt.LoraConfig(r=8, lora_alpha=16, lora_dropout=p), 576, d_out=d_out)
         cases[f"{d_out}/lora p={p}"] = fb(lambda lora=lora: lora)
-        mtl = standalone(mt.MTLLoraConfig(n_tasks=4, lora_dropout=p), 576, d_out)
+        mtl = standalone(mt.MTLLoraConfig(n_tasks=4, lora_dropout=p), 576, d_out=d_out)
         for mode, ids in (("mixed", torch.arange(4) % 4), ("single", torch.zeros(4, dtype=torch.long))):
             cases[f"{d_out}/mtl_lora p={p} {mode}"] = fb(lambda mtl=mtl: mtl, ids)
     return cases
@@ -47,12 +33,12 @@ def mtl_cases(fb, d_out: int) -> dict:
 def moelora_cases(fb, d_out: int) -> dict:
     cases = {}
     for p in (0.0, 0.05):
-        lora = standalone(mt.LoraConfig(r=32, lora_alpha=64, lora_dropout=p), 576, d_out)
+        lora = standalone(mt.LoraConfig(r=32, lora_alpha=64, lora_dropout=p), 576, d_out=d_out)
         cases[f"{d_out}/lora_r32 p={p}"] = fb(lambda lora=lora: lora)
     for label, kw in (("defaults", {}), ("no aux", dict(balance_weight=0.0, contrastive_weight=0.0)),
                       ("no dropout", dict(lora_dropout=0.0)),
                       ("no aux, no dropout", dict(balance_weight=0.0, contrastive_weight=0.0, lora_dropout=0.0))):
-        layer = standalone(mt.MoELoraConfig(n_tasks=4, **kw), 576, d_out)
+        layer = standalone(mt.MoELoraConfig(n_tasks=4, **kw), 576, d_out=d_out)
         cases[f"{d_out}/moelora {label}"] = fb(lambda layer=layer: layer, torch.arange(4) % 4)
     return cases
 
@@ -82,7 +68,7 @@ def main() -> None:
                 x.grad = None
             return run
 
-        base = standalone(mt.LoraConfig(r=1), 576, d_out).base_layer
+        base = standalone(mt.LoraConfig(r=1), 576, d_out=d_out).base_layer
         cases[f"{d_out}/base"] = fb(lambda: base)
         cases.update((mtl_cases if which == "mtl" else moelora_cases)(fb, d_out))
     t = interleaved(cases, repeats=15, warmup=3, min_seconds=0.05, extra_rounds=0)

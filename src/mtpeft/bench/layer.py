@@ -49,15 +49,15 @@ def task_loop_reference(layer, x, ids):
     return out
 
 
-def _standalone(method_cfg, d: int, seed: int = 0):
-    """One adapted layer around a frozen nn.Linear(d, d), with its own routing state."""
+def standalone(method_cfg, d: int, seed: int = 0, d_out: int | None = None):
+    """One adapted layer around a frozen nn.Linear(d, d_out or d), with its own routing state."""
     from torch import nn
 
     from ..core.context import RoutingState
     from ..config import get_layer_class
 
     torch.manual_seed(seed)
-    base = nn.Linear(d, d)
+    base = nn.Linear(d, d_out or d)
     base.requires_grad_(False)
     layer = get_layer_class(method_cfg.method)(base, method_cfg, module_name="layers.0.proj",
                                                routing=RoutingState(), layer_index=0, n_layers=1)
@@ -91,24 +91,24 @@ def bench_layer(args) -> dict:
                 x.grad = None
             return run
 
-        base = _standalone(mt.LoraConfig(r=1), d).base_layer
+        base = standalone(mt.LoraConfig(r=1), d).base_layer
         cases["base"] = fb(lambda: base(x))
         # Token-routed methods (dropout 0.05 at their defaults) against LoRA of rank E·r with dropout 0.05;
         # task-routed ones (no dropout here) against LoRA of rank r without dropout.
         no_route = Route(None, None, False)  # token-routed layers read no task ids
         for name, rank, p in (("lora_equal", E * r, 0.05), ("lora_r", r, 0.0)):
-            lay = _standalone(mt.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p), d)
+            lay = standalone(mt.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p), d)
             cases[name] = fb(lambda lay=lay: lay(x))
             cases[f"{name}/adapter"] = fb(lambda lay=lay: lay.adapter_forward(x, no_route))
         for name, cfg_fn in _layer_methods(E, r, args.quick).items():
-            lay = _standalone(cfg_fn(), d)
+            lay = standalone(cfg_fn(), d)
             cases[name] = fb(lambda lay=lay: lay(x))
             cases[f"{name}/ref"] = fb(lambda lay=lay: lay.base_layer(x) + lay.reference_forward(x, no_route))
             cases[f"{name}/adapter"] = fb(lambda lay=lay: lay.adapter_forward(x, no_route))
             cases[f"{name}/ref_adapter"] = fb(lambda lay=lay: lay.reference_forward(x, no_route))
         task_route = Route(ids, None, False)
         for name, cfg_fn in _task_layer_methods(E, r, args.quick).items():
-            lay = _standalone(cfg_fn(), d)
+            lay = standalone(cfg_fn(), d)
 
             def fast(lay=lay):
                 with lay.routing.scope(ids, None, record=False):

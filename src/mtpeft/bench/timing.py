@@ -115,23 +115,23 @@ class Timings:
     def median(self, name: str) -> float:
         return statistics.median(self._clean(name))
 
-    def ratio(self, a: str, b: str) -> float:
-        """Median over rounds of t_a / t_b measured in the same round (drift cancels); rounds where
-        either sample was contended are left out when at least 2 clean ones remain."""
+    def round_ratios(self, a: str, b: str) -> list[float]:
+        """t_a / t_b measured in the same round, for every round (drift cancels); rounds where either
+        sample was contended are left out when at least 2 clean ones remain."""
         fa = self.contended.get(a) or [False] * len(self.samples[a])
         fb = self.contended.get(b) or [False] * len(self.samples[b])
         pairs = list(zip(self.samples[a], self.samples[b], fa, fb))
         clean = [x / y for x, y, ca, cb in pairs if not (ca or cb)]
-        return statistics.median(clean if len(clean) >= 2 else [x / y for x, y, _, _ in pairs])
+        return clean if len(clean) >= 2 else [x / y for x, y, _, _ in pairs]
+
+    def ratio(self, a: str, b: str) -> float:
+        """Median over rounds of :meth:`round_ratios`."""
+        return statistics.median(self.round_ratios(a, b))
 
     def ratio_ci(self, a: str, b: str, level: float = 0.95) -> list[float]:
         """A distribution-free confidence interval for :meth:`ratio` (the median of per-round ratios),
         from the order statistics of the same rounds (the sign-test interval)."""
-        fa = self.contended.get(a) or [False] * len(self.samples[a])
-        fb = self.contended.get(b) or [False] * len(self.samples[b])
-        pairs = list(zip(self.samples[a], self.samples[b], fa, fb))
-        clean = [x / y for x, y, ca, cb in pairs if not (ca or cb)]
-        return median_ci(clean if len(clean) >= 2 else [x / y for x, y, _, _ in pairs], level)
+        return median_ci(self.round_ratios(a, b), level)
 
     def spread(self, name: str) -> float:
         """(max - min) / median of the samples used: how noisy the case was."""

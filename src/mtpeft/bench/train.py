@@ -95,28 +95,39 @@ def bench_train(args) -> dict:
                 "name": v.name, "kind": v.kind, "routing": v.routing, "task_batch": v.task_mode, "note": v.note,
                 "group": gi, "trainable_params": params[v.name], "median_s": rounded(t.median(v.name), 4),
                 "spread": rounded(t.spread(v.name)), "clean_samples": t.clean_count(v.name),
-                "vs_floor": rounded(t.ratio(v.name, "floor")), "vs_floor_ci": rounded_ci(t.ratio_ci(v.name, "floor")),
+                "vs_floor": rounded(t.ratio(v.name, "floor")),
                 "flop_predicted_vs_floor": rounded(flops[v.name] / flops["floor"]),
                 "gflops": rounded(flops[v.name] / 1e9, 2),
             }
             if v.lora_ref and v.lora_ref in group:
                 row["lora_ref"] = v.lora_ref
                 row["vs_equal_rank_lora"] = rounded(t.ratio(v.name, v.lora_ref))
-                row["vs_equal_rank_lora_ci"] = rounded_ci(t.ratio_ci(v.name, v.lora_ref))
                 row["flop_predicted_vs_equal_rank_lora"] = rounded(flops[v.name] / flops[v.lora_ref])
             if v.peft_ref and v.peft_ref in group:
                 row["peft_ref"] = v.peft_ref
                 row["vs_peft"] = rounded(t.ratio(v.name, v.peft_ref))
-                row["vs_peft_ci"] = rounded_ci(t.ratio_ci(v.name, v.peft_ref))
             single = v.name + "@single"
             if single in group:
                 row["mixed_vs_single"] = rounded(t.ratio(v.name, single))
+            add_intervals(row, t)
             rows.append(row)
         results[model_name] = {"batch": [batch_size, seq], "rows": rows, "groups": groups,
                                "timings": [raw_samples(t) for t in timings]}
         del steps, base
         gc.collect()
     return results
+
+
+# A row's ratios that get a 95 % interval, each with the row field naming what it is against.
+INTERVAL_REFERENCES = {"vs_floor": None, "vs_equal_rank_lora": "lora_ref", "vs_peft": "peft_ref"}
+
+
+def add_intervals(row: dict, t: Timings) -> None:
+    """Set ``<ratio>_ci`` beside every ratio of ``row`` that has one, from the group's timings ``t``."""
+    for key, ref_field in INTERVAL_REFERENCES.items():
+        if key in row:
+            ref = "floor" if ref_field is None else row[ref_field]
+            row[key + "_ci"] = rounded_ci(t.ratio_ci(row["name"], ref))
 
 
 def fill_intervals(res: dict) -> bool:
@@ -129,10 +140,6 @@ def fill_intervals(res: dict) -> bool:
         for row in data["rows"]:
             if "vs_floor_ci" in row or row.get("group") is None or row["group"] >= len(timings):
                 continue
-            t = timings[row["group"]]
-            row["vs_floor_ci"] = rounded_ci(t.ratio_ci(row["name"], "floor"))
-            for key, ref in (("vs_equal_rank_lora", row.get("lora_ref")), ("vs_peft", row.get("peft_ref"))):
-                if key in row:
-                    row[key + "_ci"] = rounded_ci(t.ratio_ci(row["name"], ref))
+            add_intervals(row, timings[row["group"]])
             added = True
     return added

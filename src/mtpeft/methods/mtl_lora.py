@@ -45,6 +45,7 @@ from ..config import (AdapterConfig, check_choice, check_positive_int, check_pos
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
+from ..core.routing import gate_shared_block
 from ..tasks_api import (UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter,
                          routing_table)
 from ..core.dropout import dropout_linear
@@ -174,8 +175,7 @@ class MTLLoraLayer(AdaptedLayer):
         # so one GEMM with every task's C (as in the token-routed mixtures) replaces a gather of one C
         # per row and a batched GEMM, and the base layer adds it into its output in place.
         token_task = inverse.repeat_interleave(x2d.shape[0] // ids.shape[0])  # (N,)
-        gate = F.one_hot(token_task, g).to(z.dtype) * self.scaling  # (N, G)
-        return (gate[:, :, None] * z[:, None, :]).reshape(-1, g * r), right  # (N, G·r), (G·r, d_out)
+        return gate_shared_block(z, F.one_hot(token_task, g), self.scaling), right  # (N, G·r), (G·r, d_out)
 
     def lora_factors(self, task: int | None):
         if task is None:
