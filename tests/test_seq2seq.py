@@ -243,3 +243,32 @@ def test_task_adapter_of_a_t5_exports_to_stock_peft(tmp_path):
         ours = model(input_ids=ids_, labels=labels, task_ids=torch.tensor([1, 1])).logits
         stock = PeftModel.from_pretrained(tiny_t5(), tmp_path / "peft")
         assert torch.allclose(stock(input_ids=ids_, labels=labels).logits, ours, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_same_examples(tmp_path):
+    """T5's loss is a mean that ignores the Trainer's token count; the Trainer must then divide it by
+    the accumulation steps itself (it did not: two accumulated batches gave twice the gradient)."""
+    from transformers import TrainingArguments
+
+    from mtpeft.trainer import MultiTaskTrainer
+
+    tok = word_tokenizer(eos_after_text=True)
+    examples = [{"text": f"what is {a} plus {b} ?", "target": c, "task_id": t}  # all rows the same length
+                for a, b, c, t in [("one", "two", "three", 0), ("two", "two", "four", 1),
+                                   ("zero", "five", "five", 2), ("three", "three", "six", 0)]]
+    after = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = mtpeft.get_model(tiny_t5(), CONFIGS["mtl_lora"]())
+        randomise(model)
+        args = TrainingArguments(output_dir=str(tmp_path / f"a{accumulation}"), max_steps=1,
+                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                 max_grad_norm=0.0, report_to=[], use_cpu=True, remove_unused_columns=False,
+                                 save_strategy="no", disable_tqdm=True, seed=0, data_seed=0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainer = MultiTaskTrainer(model=model, args=args, train_dataset=examples,
+                                   data_collator=Seq2SeqCollator(tok, 64),
+                                   optimizers=(torch.optim.SGD(params, lr=1.0), None))
+        trainer.train()
+        after.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    moved = [n for n in after[0] if not torch.allclose(after[0][n], after[1][n], atol=1e-5)]
+    assert not moved, moved[:3]
