@@ -82,13 +82,13 @@ class MultiTaskModel(nn.Module):
         targets = find_targets(base_model, config.target_modules, config.exclude_modules,
                                default_role=config.default_targets)
         saved = self._resolve_modules_to_save(config.modules_to_save)
+        encoder_modules = self._encoder_modules()  # before anything changes: it can refuse the model
         flags = {name: param.requires_grad for name, param in base_model.named_parameters()}
         for param in base_model.parameters():
             param.requires_grad_(False)
         layer_cls = get_layer_class(config.method)
         n_layers = max(_layer_index(n) for n in targets) + 1
         self.adapted_names = targets
-        encoder_modules = self._encoder_modules()
         injected = []
         try:
             for name in targets:
