@@ -159,8 +159,8 @@ def test_mixed_task_batch_equals_one_task_at_a_time(method):
     model = mtpeft.get_model(tiny_t5(), CONFIGS[method]())
     randomise(model)
     g = torch.Generator().manual_seed(3)
-    batch = {"input_ids": torch.randint(6, 40, (5, 7), generator=g), "attention_mask": torch.ones(5, 7, dtype=torch.long),
-             "labels": torch.randint(6, 40, (5, 5), generator=g)}
+    batch = {"input_ids": torch.randint(6, 40, (5, 7), generator=g),
+             "attention_mask": torch.ones(5, 7, dtype=torch.long), "labels": torch.randint(6, 40, (5, 5), generator=g)}
     batch["attention_mask"][0, 5:] = 0
     batch["labels"][2, 3:] = IGNORE_INDEX
     task_ids = torch.tensor([0, 2, 1, 0, 2])

@@ -1,9 +1,9 @@
-"""Per-task evaluation: accuracy / macro-F1 for classification (encoder heads, or a causal or seq2seq
-LM scoring the label names), log-likelihood over the choices for multiple choice, exact match of the
+"""Per-task evaluation: accuracy / macro-F1 for classification (encoder heads, or a causal or seq2seq LM
+scoring the label names), log-likelihood over the choices for multiple choice, exact match of the
 generated text for free-text tasks. A causal LM scores an option as the continuation of its prompt, a
-seq2seq LM as the decoder's target for the prompt given to its encoder; the rest is shared. Returns per-task scores and their average. Scored options also report
-``accuracy_norm`` (the log-likelihood per character, lm-evaluation-harness's acc_norm); the score
-stays the plain sum."""
+seq2seq LM as the decoder's target for the prompt given to its encoder; the rest is shared. Returns
+per-task scores and their average. Scored options also report ``accuracy_norm`` (the log-likelihood
+per character, lm-evaluation-harness's acc_norm); the score stays the plain sum."""
 
 from __future__ import annotations
 

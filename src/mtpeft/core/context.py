@@ -7,13 +7,14 @@ every adapted layer holds a reference to the same :class:`RoutingState` (one per
 never module-global) and reads the task ids from it.
 
 Encoder-decoder models (T5, BART) run two token streams of different lengths in one forward: the
-encoder's tokens (``attention_mask``) and the decoder's (``decoder_attention_mask``). Each adapted layer
-says which stream it is in (``AdaptedLayer.token_stream``, set by the wrapper): "input" for every
-layer of a one-stream model and for an encoder-decoder's encoder, "decoder" for the rest of an
-encoder-decoder (its decoder and LM head). A decoder layer reads the decoder's mask, except when its input is the encoder's output itself
-(the keys and values of cross-attention), recorded by a pre-hook on the decoder as ``encoder_states``:
-those tokens are the encoder's. A mask that does not line up with an input's rows and tokens is not
-applied (every token counts) rather than applied to the wrong tokens.
+encoder's tokens (``attention_mask``) and the decoder's (``decoder_attention_mask``). Each adapted
+layer says which stream it is in (``AdaptedLayer.token_stream``, set by the wrapper): "input" for
+every layer of a one-stream model and for an encoder-decoder's encoder, "decoder" for the rest of an
+encoder-decoder (its decoder and LM head). A decoder layer reads the decoder's mask, except when its
+input is the encoder's output itself (the keys and values of cross-attention), recorded by a pre-hook
+on the decoder as ``encoder_states``: those tokens are the encoder's. A mask that does not line up
+with an input's rows and tokens is not applied (every token counts) rather than applied to the wrong
+tokens.
 
 Gradient checkpointing re-runs layer forwards *during backward*. The state therefore keeps the last
 call's task ids after the scope closes, and a layer uses them only while a scope is open or while

@@ -109,7 +109,8 @@ class TaskPrompts:
 
     def user_message(self, ex: Mapping[str, Any], text: str | None = None) -> str:
         """Instruction, text and lettered options, separated by blank lines."""
-        parts = [self._task_field(ex, "instruction"), text if text is not None else _need(ex, "text", type(self).__name__)]
+        text = text if text is not None else _need(ex, "text", type(self).__name__)
+        parts = [self._task_field(ex, "instruction"), text]
         options = self.choices(ex)
         if options:
             if len(options) > 26:
