@@ -1,8 +1,9 @@
-"""Per-task evaluation: accuracy / macro-F1 for classification (encoder heads, or a causal LM scoring
-the label names), log-likelihood over the choices for multiple choice, exact match of the generated
-text for free-text tasks. Returns per-task scores and their average. Scored options also report
-``accuracy_norm`` (the log-likelihood per character, lm-evaluation-harness's acc_norm); the score
-stays the plain sum."""
+"""Per-task evaluation: accuracy / macro-F1 for classification (encoder heads, or a causal or seq2seq LM
+scoring the label names), log-likelihood over the choices for multiple choice, exact match of the
+generated text for free-text tasks. A causal LM scores an option as the continuation of its prompt, a
+seq2seq LM as the decoder's target for the prompt given to its encoder; the rest is shared. Returns
+per-task scores and their average. Scored options also report ``accuracy_norm`` (the log-likelihood
+per character, lm-evaluation-harness's acc_norm); the score stays the plain sum."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator
+from .data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator, Seq2SeqCollator
 from .label_logits import accepts_logits_to_keep, accepts_prompt_cache, label_positions
 from .routing_report import RoutingAccumulator
 
@@ -138,16 +139,48 @@ def choice_log_likelihoods(model, collate: CausalLMCollator, example: dict,
         target = labels[:, 1:]  # next-token targets, (options, seq-1)
     if p is None and routing is not None:
         routing.add(model)
+    return target_log_likelihoods(logits, target)
+
+
+def target_log_likelihoods(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_j log p(target[:, j]) over the labelled positions (target != -100) of each row: (rows,).
+
+    ``logits`` (rows, positions, vocab) where position j predicts ``target[:, j]`` (rows, positions)."""
     logprobs = F.log_softmax(logits, dim=-1)
     mask = target != IGNORE_INDEX
-    picked = logprobs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (options, positions)
+    picked = logprobs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (rows, positions)
     return (picked * mask).sum(-1)
 
 
 @torch.no_grad()
-def evaluate_causal(model, tokenizer, tasks, *, split="test", batch_size=16, max_length=256, limit=None,
-                    max_new_tokens=16, routing: RoutingAccumulator | None = None) -> dict:
-    collate = CausalLMCollator(tokenizer, max_length, tasks=tasks)
+def seq2seq_choice_log_likelihoods(model, collate: Seq2SeqCollator, example: dict,
+                                   routing: RoutingAccumulator | None = None) -> torch.Tensor:
+    """Sum of the log-probabilities of each option as the decoder's target for the example's prompt:
+    (n_options,). One forward, one row per option; the decoder's logit j predicts option token j
+    (the model builds its decoder inputs from the labels)."""
+    batch = collate.choice_batch(example)
+    logits = model(**batch).logits.float()  # (options, A, vocab), A = longest option
+    if routing is not None:
+        routing.add(model)
+    return target_log_likelihoods(logits, batch["labels"])
+
+
+def _generated_causal(model, tokenizer, collate: CausalLMCollator, rows, max_new_tokens) -> list[str]:
+    batch = collate.generation_batch(rows)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=collate.pad_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)  # the new tokens
+
+
+def _generated_seq2seq(model, tokenizer, collate: Seq2SeqCollator, rows, max_new_tokens) -> list[str]:
+    batch = collate.generation_batch(rows)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=collate.pad_id)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)  # the decoder's output is the answer alone
+
+
+def _evaluate_prompted(model, tokenizer, tasks, collate, choice_scores, generated, *, split, batch_size, limit,
+                       max_new_tokens, routing) -> dict:
+    """The per-task loop of the LM kinds: exact match of generated text for free-text tasks, else the
+    option with the highest log-likelihood (``choice_scores(model, collate, row, routing)``)."""
     model.eval()
     results = {}
     for task_id, task in enumerate(tasks):
@@ -155,18 +188,14 @@ def evaluate_causal(model, tokenizer, tasks, *, split="test", batch_size=16, max
         if task.kind == "generation":
             refs, preds = [], []
             for chunk in _batches(rows, batch_size):
-                batch = collate.generation_batch(chunk)
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=collate.pad_id)
-                new = out[:, batch["input_ids"].shape[1]:]
-                preds += tokenizer.batch_decode(new, skip_special_tokens=True)
+                preds += generated(model, tokenizer, collate, chunk, max_new_tokens)
                 refs += [r.get("references") or [r["target"]] for r in chunk]
             score = exact_match(refs, preds)
             results[task.name] = {"metric": "exact_match", "score": score, "n": len(rows)}
         else:
             gold, pred, pred_norm = [], [], []
             for row in rows:
-                scores = choice_log_likelihoods(model, collate, row, routing)
+                scores = choice_scores(model, collate, row, routing)
                 pred.append(int(scores.argmax()))
                 # lm-evaluation-harness's acc_norm: the log-likelihood per character of the option, so that
                 # a long option is not penalised for its length alone
@@ -175,3 +204,23 @@ def evaluate_causal(model, tokenizer, tasks, *, split="test", batch_size=16, max
                 gold.append(int(row["label"]))
             results[task.name] = {**_score(task, gold, pred), "accuracy_norm": accuracy(gold, pred_norm)}
     return _with_average(results)
+
+
+@torch.no_grad()
+def evaluate_causal(model, tokenizer, tasks, *, split="test", batch_size=16, max_length=256, limit=None,
+                    max_new_tokens=16, routing: RoutingAccumulator | None = None) -> dict:
+    collate = CausalLMCollator(tokenizer, max_length, tasks=tasks)
+    return _evaluate_prompted(model, tokenizer, tasks, collate, choice_log_likelihoods, _generated_causal,
+                              split=split, batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens,
+                              routing=routing)
+
+
+@torch.no_grad()
+def evaluate_seq2seq(model, tokenizer, tasks, *, split="test", batch_size=16, max_length=256, limit=None,
+                     max_new_tokens=16, routing: RoutingAccumulator | None = None) -> dict:
+    """evaluate_causal for encoder-decoder LMs (T5, BART): the prompt to the encoder, options scored as
+    the decoder's target, free text generated by the decoder."""
+    collate = Seq2SeqCollator(tokenizer, max_length, tasks=tasks)
+    return _evaluate_prompted(model, tokenizer, tasks, collate, seq2seq_choice_log_likelihoods, _generated_seq2seq,
+                              split=split, batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens,
+                              routing=routing)

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .config import AdapterConfig, get_layer_class
-from .core.context import RoutingState
+from .core.context import RecordEncoderStates, RoutingState
 from .core.layer import AdaptedLayer
 from .core.targets import find_targets
 from .core.task_ids import infer_batch_size, validate_task_ids
@@ -82,6 +82,7 @@ class MultiTaskModel(nn.Module):
         targets = find_targets(base_model, config.target_modules, config.exclude_modules,
                                default_role=config.default_targets)
         saved = self._resolve_modules_to_save(config.modules_to_save)
+        encoder_modules = self._encoder_modules()  # before anything changes: it can refuse the model
         flags = {name: param.requires_grad for name, param in base_model.named_parameters()}
         for param in base_model.parameters():
             param.requires_grad_(False)
@@ -94,6 +95,8 @@ class MultiTaskModel(nn.Module):
                 base_layer = base_model.get_submodule(name)
                 layer = layer_cls(base_layer, config, module_name=name, routing=self.routing,
                                   layer_index=_layer_index(name), n_layers=n_layers)
+                if encoder_modules is not None and id(base_layer) not in encoder_modules:
+                    layer.token_stream = "decoder"  # see mtpeft.core.context: its own padding mask
                 _set_submodule(base_model, name, layer)
                 injected.append((name, base_layer))
         except BaseException:
@@ -108,10 +111,29 @@ class MultiTaskModel(nn.Module):
             for param in base_model.get_submodule(name).parameters():
                 param.requires_grad_(True)
         self.saved_module_names = saved
+        self._encoder_states_hook = None
+        if encoder_modules is not None:
+            self._encoder_states_hook = base_model.get_decoder().register_forward_pre_hook(
+                RecordEncoderStates(self.routing), with_kwargs=True)
         # A base model that itself routes by task (e.g. one classification head per task) declares a
         # task_ids parameter; it then receives the validated ids too.
         self._base_takes_task_ids = _accepts_argument(base_model.forward, "task_ids")
         self._expose_forward_signature()
+
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False))
+
+    def _encoder_modules(self) -> set[int] | None:
+        """ids of the encoder's modules of an encoder-decoder model (T5, BART), None for other models.
+        Adapted layers outside the encoder (the decoder's, the LM head) read the decoder's tokens."""
+        if not self._is_encoder_decoder():
+            return None
+        get_encoder, get_decoder = (getattr(self.base_model, n, None) for n in ("get_encoder", "get_decoder"))
+        if not (callable(get_encoder) and callable(get_decoder)):
+            raise TypeError(f"{type(self.base_model).__name__} is an encoder-decoder model (config."
+                            f"is_encoder_decoder) without get_encoder() / get_decoder(); mtpeft needs both to "
+                            f"tell the encoder's tokens from the decoder's.")
+        return {id(m) for m in get_encoder().modules()}
 
     def _resolve_modules_to_save(self, names) -> list[str]:
         if not names:
@@ -179,9 +201,29 @@ class MultiTaskModel(nn.Module):
         task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
         if self._base_takes_task_ids:
             kwargs["task_ids"] = task_ids
-        with self.routing.scope(task_ids, self._new_tokens_mask(kwargs), record=True):
+        with self.routing.scope(task_ids, self._new_tokens_mask(kwargs), record=True,
+                                decoder_attention_mask=self._decoder_tokens_mask(kwargs)):
             output = self.base_model(*args, **kwargs)
         return self._attach_aux(output)
+
+    def _decoder_tokens_mask(self, kwargs: dict) -> torch.Tensor | None:
+        """An encoder-decoder's decoder padding mask (batch, target): ``decoder_attention_mask`` when
+        given, else ``labels != -100`` when the model builds its decoder inputs from the labels (decoder
+        position j predicts labels[:, j]: transformers' seq2seq LMs shift the labels right); None
+        otherwise (every decoder token counts)."""
+        if not self._is_encoder_decoder():
+            return None
+        mask = kwargs.get("decoder_attention_mask")
+        if mask is not None:
+            new = kwargs.get("decoder_input_ids")
+            cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+            # with a cache the mask covers cached + new decoder tokens; this call runs the last columns
+            return mask[:, -new.shape[1]:] if cached and new is not None and mask.dim() == 2 else mask
+        labels = kwargs.get("labels")
+        if (labels is not None and labels.dim() == 2 and kwargs.get("decoder_input_ids") is None
+                and kwargs.get("decoder_inputs_embeds") is None):
+            return labels != -100  # transformers' ignore index
+        return None
 
     def _new_tokens_mask(self, kwargs: dict) -> torch.Tensor | None:
         """The padding mask of the tokens this call runs. A decoder-only model given a key/value cache
@@ -334,6 +376,9 @@ class MultiTaskModel(nn.Module):
             layer.unmerge()
             _set_submodule(self.base_model, name, layer.base_layer)
         self.adapted_names = []
+        if self._encoder_states_hook is not None:
+            self._encoder_states_hook.remove()
+            self._encoder_states_hook = None
         return self.base_model
 
     def extra_repr(self) -> str:

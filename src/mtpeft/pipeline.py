@@ -23,10 +23,10 @@ from transformers import TrainingArguments, set_seed
 from .base_models import build_base, model_kind
 from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
 from .data.choices import choices_as_classification
-from .data.collate import CausalLMCollator, EncoderClassificationCollator
+from .data.collate import CausalLMCollator, EncoderClassificationCollator, Seq2SeqCollator
 from .distributed import (barrier, default_backend, init_distributed, is_distributed, is_main_process,
                           main_process_first, per_device_batch_size)
-from .evaluate import evaluate_causal, evaluate_encoder
+from .evaluate import evaluate_causal, evaluate_encoder, evaluate_seq2seq
 from .io import atomic_write_bytes
 from .model import MultiTaskModel, get_model
 from .optim import parameter_groups
@@ -47,6 +47,7 @@ def load_run_tasks(run: RunConfig):
                        test_fraction=run.data.test_fraction)
     if model_kind(run.model.name, run.model.kind) == "encoder":
         tasks = [choices_as_classification(t) for t in tasks]  # encoders pick the option letter
+    # causal and seq2seq LMs score each option by its log-likelihood: the tasks stay as they are
     return tasks
 
 
@@ -64,6 +65,8 @@ def build_model(run: RunConfig, tasks):
 def make_collator(kind: str, tokenizer, run: RunConfig, tasks):
     if kind == "encoder":
         return EncoderClassificationCollator(tokenizer, run.model.max_length)
+    if kind == "seq2seq":
+        return Seq2SeqCollator(tokenizer, run.model.max_length, tasks=tasks)
     return CausalLMCollator(tokenizer, run.model.max_length, tasks=tasks)
 
 
@@ -153,8 +156,8 @@ def evaluate_run_model(model, tokenizer, kind, tasks, run: RunConfig, out: Path,
     if kind == "encoder":
         scores = evaluate_encoder(model, tokenizer, tasks, batch_size=run.train.eval_batch_size, **kwargs)
     else:
-        scores = evaluate_causal(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4),
-                                 **kwargs)
+        evaluate_lm = evaluate_seq2seq if kind == "seq2seq" else evaluate_causal
+        scores = evaluate_lm(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4), **kwargs)
     routing = routing_summary(model, accumulator, [t.name for t in tasks])
     if routing is not None:
         write_json(out / "routing.json", routing)

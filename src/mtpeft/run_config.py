@@ -21,7 +21,9 @@ from .config import coerce_numbers, get_config_class
 @dataclass
 class ModelSection:
     """name: "minilm", "smollm2", or a local model folder. kind: "encoder" (one classification head
-    per task) or "causal" (instruction prompts, loss on answer tokens); None guesses from the name."""
+    per task), "causal" (a decoder-only LM: chat prompts, loss on the answer tokens) or "seq2seq" (an
+    encoder-decoder LM such as T5: the prompt to the encoder, the answer as the decoder's target);
+    None reads it from the model folder's config.json (mtpeft.base_models.kind_from_config)."""
 
     name: str = "minilm"
     kind: str | None = None
@@ -68,8 +70,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         get_config_class(self.method)  # unknown method: clear error now, not after loading data
-        if self.model.kind not in (None, "encoder", "causal"):
-            raise ValueError(f"model.kind must be 'encoder' or 'causal', got {self.model.kind!r}.")
+        if self.model.kind not in (None, "encoder", "causal", "seq2seq"):
+            raise ValueError(f"model.kind must be 'encoder', 'causal' or 'seq2seq' (or unset: read from the "
+                             f"model's config.json), got {self.model.kind!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -139,6 +139,10 @@ class MultiTaskTrainer(Trainer):
         base = getattr(self._unwrapped(), "base_model", None)
         if base is not None and not isinstance(base, PreTrainedModel) and not hasattr(base, "accepts_loss_kwargs"):
             self.model_accepts_loss_kwargs = False
+        # transformers' seq2seq LMs (T5, BART) take **kwargs but compute a per-batch mean loss that ignores
+        # the count too; without the count every model's mean loss is averaged by DDP, which is right.
+        if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+            self.model_accepts_loss_kwargs = False
         self._trainable: list[torch.nn.Parameter] | None = None
         self._label_logits_only = accepts_logits_to_keep(self._unwrapped())
 

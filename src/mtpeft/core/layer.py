@@ -77,6 +77,9 @@ class AdaptedLayer(nn.Module):
     config_class: ClassVar[type] = None  # set by register_method
     mergeable: ClassVar[bool] = False
     parameter_roles: ClassVar[dict[str, str]] = {}
+    # Whose padding mask this layer's tokens follow (mtpeft.core.context): "input", or "decoder" for
+    # an encoder-decoder's decoder layers (set by the wrapper).
+    token_stream: str = "input"
 
     def __init__(self, base_layer: nn.Module, config, *, module_name: str, routing: RoutingState,
                  layer_index: int = 0, n_layers: int = 1):
@@ -146,7 +149,7 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             self._check_merged_task()
             return self.base_layer(x, *args, **kwargs)
-        route = self.routing.route_for(x)
+        route = self.routing.route_for(x, self.token_stream)
         # An nn.Linear runs on the flattened rows, so its output is a fresh 2-D tensor rather than a
         # view: the update can then be added in place (the base layer does not save its output for
         # backward), saving an activation-sized allocation. In place on a *view* would instead make

@@ -10,7 +10,7 @@ from mtpeft.data.bigbench import (
     prefetch_bigbench_tasks,
     read_bigbench_task,
 )
-from mtpeft.data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator
+from mtpeft.data.collate import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator, Seq2SeqCollator
 from mtpeft.data.mixing import MultiTaskDataset, MultiTaskSampler, mixing_weights
 from mtpeft.data.tasks import (
     KINDS,
@@ -37,6 +37,7 @@ __all__ = [
     "IGNORE_INDEX",
     "CausalLMCollator",
     "EncoderClassificationCollator",
+    "Seq2SeqCollator",
     "MultiTaskDataset",
     "MultiTaskSampler",
     "mixing_weights",

@@ -1,6 +1,6 @@
 """Turn normalised examples (see :mod:`mtpeft.data.tasks`) into model batches.
 
-Two model families, two collators:
+Three model families, three collators:
 
 * :class:`EncoderClassificationCollator` for encoders with a classification head (BERT, MiniLM):
   the text alone, the class id as label.
@@ -9,8 +9,13 @@ Two model families, two collators:
   model learns to answer rather than to reproduce prompts. The same encoding gives the prompt for
   generation and the prompt + choice rows for log-likelihood scoring of multiple choice, so training
   and evaluation see exactly the same text.
+* :class:`Seq2SeqCollator` for encoder-decoder LMs (T5, BART): the same prompt (instruction, text,
+  lettered options) goes to the encoder, the answer is the decoder's target (``labels``; the model
+  builds its decoder inputs from them).
 
-Both add ``task_ids`` (LongTensor (batch,)) for the multi-task adapters' routing.
+:class:`TaskPrompts` holds what the last two share: the prompt and the answer of an example.
+
+All add ``task_ids`` (LongTensor (batch,)) for the multi-task adapters' routing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["EncoderClassificationCollator", "CausalLMCollator", "IGNORE_INDEX"]
+__all__ = ["EncoderClassificationCollator", "CausalLMCollator", "Seq2SeqCollator", "TaskPrompts", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # label value that torch's cross entropy skips
 
@@ -62,39 +67,27 @@ class EncoderClassificationCollator:
         }
 
 
-class CausalLMCollator:
-    """Chat-formatted batches for decoder LMs, loss on the answer (and end-of-turn) tokens only.
+class TaskPrompts:
+    """What a generative model is asked and what it should answer, for one example.
 
-    The user message is the task instruction, the example text and, when the example has choices (or
-    is a classification example of a task with label names), the options lettered ``A.``, ``B.``, ...;
-    the assistant message is the answer: the target (generation), else the right choice (its text,
-    or its letter with ``answer_style="letter"``).
+    The prompt is the task instruction, the example text and, when the example has choices (or is a
+    classification example of a task with label names), the options lettered ``A.``, ``B.``, ...; the
+    answer is the target (generation), else the right choice (its text, or its letter with
+    ``answer_style="letter"``).
 
     ``tasks`` gives, per ``task_id``, an object or mapping with ``instruction`` and ``labels`` (a
     :class:`~mtpeft.data.tasks.TaskData` or ``TaskSpec`` works); an example's own ``instruction`` or
     ``choices`` fields win over the task's.
-
-    Batches: ``input_ids`` / ``attention_mask`` / ``labels`` (batch, seq), right-padded, ``labels`` is
-    ``-100`` except on the answer tokens and the end-of-turn token; ``task_ids`` (batch,).
-    Too-long examples lose the end of their text, never the answer.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 512, tasks: Sequence[Any] | None = None,
-                 answer_style: str = "text", system: str | None = None):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("CausalLMCollator needs a tokenizer with a chat_template (an instruct/chat model's "
-                             "tokenizer), or set tokenizer.chat_template to a Jinja template first.")
+    def __init__(self, tokenizer: Any, max_length: int, tasks: Sequence[Any] | None = None,
+                 answer_style: str = "text"):
         if answer_style not in ("text", "letter"):
             raise ValueError(f"answer_style must be 'text' or 'letter', got {answer_style!r}.")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.tasks = list(tasks) if tasks is not None else []
         self.answer_style = answer_style
-        self.system = system
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if self.pad_id is None:
-            raise ValueError("CausalLMCollator: the tokenizer has neither a pad nor an eos token to pad with.")
-        self._special = set(tokenizer.all_special_ids)
 
     # -- what the model is asked -------------------------------------------------------------------
     def _task_field(self, ex: Mapping[str, Any], name: str) -> Any:
@@ -116,11 +109,12 @@ class CausalLMCollator:
 
     def user_message(self, ex: Mapping[str, Any], text: str | None = None) -> str:
         """Instruction, text and lettered options, separated by blank lines."""
-        parts = [self._task_field(ex, "instruction"), text if text is not None else _need(ex, "text", "CausalLMCollator")]
+        text = text if text is not None else _need(ex, "text", type(self).__name__)
+        parts = [self._task_field(ex, "instruction"), text]
         options = self.choices(ex)
         if options:
             if len(options) > 26:
-                raise ValueError(f"CausalLMCollator letters options A-Z; this example has {len(options)}.")
+                raise ValueError(f"{type(self).__name__} letters options A-Z; this example has {len(options)}.")
             parts.append("Options:\n" + "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(options)))
         return "\n\n".join(p.strip() for p in parts if p)
 
@@ -134,14 +128,53 @@ class CausalLMCollator:
         return options
 
     def answer(self, ex: Mapping[str, Any]) -> str:
-        """What the assistant should reply."""
+        """What the model should reply (the assistant turn of a chat model, the decoder target of a seq2seq one)."""
         if "target" in ex:
             return str(ex["target"])
-        label = int(_need(ex, "label", "CausalLMCollator"))
+        label = int(_need(ex, "label", type(self).__name__))
         texts = self.choice_texts(ex)
         if not 0 <= label < len(texts):
-            raise ValueError(f"CausalLMCollator: label {label} is out of range for {len(texts)} options {texts}.")
+            raise ValueError(f"{type(self).__name__}: label {label} is out of range for {len(texts)} options {texts}.")
         return texts[label]
+
+    # -- tokenising ----------------------------------------------------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _shorten(self, ex: Mapping[str, Any], length_of) -> str:
+        """The example's text, cut at the end until ``length_of(text) <= max_length`` (3 tries)."""
+        text = _need(ex, "text", type(self).__name__)
+        for _ in range(3):
+            over = length_of(text) - self.max_length
+            if over <= 0:
+                break
+            text_ids = self._ids(text)
+            text = self.tokenizer.decode(text_ids[: max(0, len(text_ids) - over - 2)])
+        return text
+
+
+class CausalLMCollator(TaskPrompts):
+    """Chat-formatted batches for decoder LMs, loss on the answer (and end-of-turn) tokens only.
+
+    The user message is the prompt of :class:`TaskPrompts` (instruction, text, lettered options), the
+    assistant message its answer; both are rendered by the tokenizer's ``chat_template``.
+
+    Batches: ``input_ids`` / ``attention_mask`` / ``labels`` (batch, seq), right-padded, ``labels`` is
+    ``-100`` except on the answer tokens and the end-of-turn token; ``task_ids`` (batch,).
+    Too-long examples lose the end of their text, never the answer.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 512, tasks: Sequence[Any] | None = None,
+                 answer_style: str = "text", system: str | None = None):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("CausalLMCollator needs a tokenizer with a chat_template (an instruct/chat model's "
+                             "tokenizer), or set tokenizer.chat_template to a Jinja template first.")
+        super().__init__(tokenizer, max_length, tasks, answer_style)
+        self.system = system
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("CausalLMCollator: the tokenizer has neither a pad nor an eos token to pad with.")
+        self._special = set(tokenizer.all_special_ids)
 
     def _render(self, user: str, answer: str | None) -> str:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
@@ -160,9 +193,6 @@ class CausalLMCollator:
         return [(prompt, c) for c in self.choice_texts(ex)]
 
     # -- tokenising ----------------------------------------------------------------------------------
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _encode_once(self, user: str, answer: str, include_eos: bool) -> tuple[list[int], list[int]]:
         if not answer:
             raise ValueError("CausalLMCollator: an empty answer cannot be trained on or scored.")
@@ -185,17 +215,6 @@ class CausalLMCollator:
             tail_labels[-1] = tail[-1]
         labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids) + tail_labels
         return prompt_ids + answer_ids + tail, labels
-
-    def _shorten(self, ex: Mapping[str, Any], length_of) -> str:
-        """The example's text, cut at the end until ``length_of(text) <= max_length`` (3 tries)."""
-        text = _need(ex, "text", "CausalLMCollator")
-        for _ in range(3):
-            over = length_of(text) - self.max_length
-            if over <= 0:
-                break
-            text_ids = self._ids(text)
-            text = self.tokenizer.decode(text_ids[: max(0, len(text_ids) - over - 2)])
-        return text
 
     def encode(self, ex: Mapping[str, Any], answer: str | None = None, include_eos: bool = True) -> dict[str, list[int]]:
         """One example as ``input_ids`` and ``labels`` lists (no padding). ``answer`` replaces the right one.
@@ -255,3 +274,76 @@ class CausalLMCollator:
         batch = self._pad(rows)
         batch["task_ids"] = _task_ids([ex] * len(rows))
         return batch
+
+
+def _right_padded(rows: Sequence[list[int]], value: int) -> torch.Tensor:
+    """Token-id lists as one (batch, longest) LongTensor, right-padded with ``value``."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)  # (batch, seq)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class Seq2SeqCollator(TaskPrompts):
+    """Batches for encoder-decoder LMs (T5, BART): the prompt of :class:`TaskPrompts` (instruction,
+    text, lettered options) to the encoder, the answer as the decoder's target.
+
+    Batches: ``input_ids`` / ``attention_mask`` (batch, source) for the encoder, with the tokenizer's
+    own special tokens (T5's ``</s>``); ``labels`` (batch, target): the answer's tokens and the eos
+    token, right-padded with ``-100``. No ``decoder_input_ids``: the model builds them from the labels
+    (shifted right behind its decoder start token, as in its pre-training), and the mtpeft wrapper
+    takes the decoder's padding mask from them (``labels != -100``). ``task_ids`` (batch,).
+    Too-long examples lose the end of their text, never the instruction, options or answer.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 512, tasks: Sequence[Any] | None = None,
+                 answer_style: str = "text"):
+        super().__init__(tokenizer, max_length, tasks, answer_style)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("Seq2SeqCollator: the tokenizer has no eos token; a target without one never "
+                             "teaches the decoder to stop.")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def source_ids(self, ex: Mapping[str, Any]) -> list[int]:
+        """The encoder's tokens: the prompt with the tokenizer's special tokens, the text shortened to fit."""
+        ids_of = lambda t: self.tokenizer(self.user_message(ex, t))["input_ids"]  # noqa: E731
+        return ids_of(self._shorten(ex, lambda t: len(ids_of(t))))[: self.max_length]
+
+    def target_ids(self, answer: str, include_eos: bool = True) -> list[int]:
+        """The decoder's target tokens for ``answer``, ending with eos (training) or not (option scoring)."""
+        if not answer:
+            raise ValueError("Seq2SeqCollator: an empty answer cannot be trained on or scored.")
+        ids = self._ids(answer)[: self.max_length - int(include_eos)]
+        if not ids:
+            raise ValueError(f"Seq2SeqCollator: the answer {answer!r} has no tokens in this tokenizer.")
+        return ids + [self.tokenizer.eos_token_id] if include_eos else ids
+
+    def _batch(self, sources: Sequence[list[int]], targets: Sequence[list[int]] | None,
+               examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = _right_padded(sources, self.pad_id)  # (batch, source)
+        mask = _right_padded([[1] * len(s) for s in sources], 0)  # (batch, source)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if targets is not None:
+            batch["labels"] = _right_padded(targets, IGNORE_INDEX)  # (batch, target)
+        batch["task_ids"] = _task_ids(examples)  # (batch,)
+        return batch
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Training batch: the prompts to the encoder, the answers (with eos) as ``labels``."""
+        if not examples:
+            raise ValueError("Seq2SeqCollator got an empty batch.")
+        return self._batch([self.source_ids(ex) for ex in examples],
+                           [self.target_ids(self.answer(ex)) for ex in examples], examples)
+
+    def generation_batch(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """The prompts only (``generate`` starts the decoder itself), with ``task_ids``."""
+        return self._batch([self.source_ids(ex) for ex in examples], None, examples)
+
+    def choice_batch(self, ex: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """One row per option (batch = number of options): the same prompt, each option's tokens as
+        ``labels`` (no eos, as a causal LM's options carry no end-of-turn), so the sum of their
+        log-probabilities scores the option."""
+        options = self.choice_texts(ex)
+        source = self.source_ids(ex)
+        return self._batch([source] * len(options), [self.target_ids(c, include_eos=False) for c in options],
+                           [ex] * len(options))
