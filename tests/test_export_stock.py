@@ -311,3 +311,14 @@ def test_cli_causal_run_exports_for_auto_peft(tmp_path, capsys, smollm2_tokenize
         got = peft.AutoPeftModelForCausalLM.from_pretrained(export).eval()(**b).logits
         base = AutoModelForCausalLM.from_pretrained(folder)(**b).logits
     assert (got - want).abs().max() < 1e-5 and (want - base).abs().max() > 0
+
+
+def test_printed_export_folder_stays_inside_the_run(tmp_path):
+    from mtpeft.export import export_command
+    from mtpeft.run_config import run_config_from_dict
+
+    run = run_config_from_dict({"data": {"tasks": [{"name": "../../evil", "source": "json:x.json"}]}})
+    argv = shlex.split(export_command(tmp_path / "run", run))
+    assert argv[argv.index("--task") + 1] == "../../evil"
+    out = Path(argv[argv.index("--out") + 1])
+    assert out.parent == tmp_path / "run" and out.name == "export-.._.._evil"

@@ -322,8 +322,10 @@ def run_exports_exactly(run_dir) -> bool:
 def export_command(run_dir, run) -> str:
     """The ``mtpeft export`` command line that works for a finished run (its first task; token-routed
     methods take the same command, which distils)."""
+    import re
     import shlex
 
     task = run_task_names(run)[0]
-    out = Path(run_dir) / f"export-{task}"
+    # one folder inside the run whatever the task's name ("../x" or "/abs" stay inside)
+    out = Path(run_dir) / ("export-" + re.sub(r"[^A-Za-z0-9_.-]", "_", task))
     return f"mtpeft export {shlex.quote(str(run_dir))} --task {shlex.quote(task)} --out {shlex.quote(str(out))}"
