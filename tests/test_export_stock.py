@@ -322,3 +322,29 @@ def test_printed_export_folder_stays_inside_the_run(tmp_path):
     assert argv[argv.index("--task") + 1] == "../../evil"
     out = Path(argv[argv.index("--out") + 1])
     assert out.parent == tmp_path / "run" and out.name == "export-.._.._evil"
+
+
+@pytest.mark.slow  # converts SmolLM2 from its GGUF on the first run (~30 s); ~8 s afterwards
+def test_smollm2_export_names_the_cached_hf_folder_and_loads_with_auto_peft(tmp_path):
+    """SmolLM2 ships as GGUF; build_base loads the converted HF folder in mtpeft's cache, and that folder is
+    the export's base. Logits agree to fp32 rounding at SmolLM2's size (|logits| ~ 30, 30 layers): the
+    tolerance is the mtpeft model's own merged-vs-unmerged difference (measured ~3e-5), not a guess."""
+    from mtpeft.assets import smollm2_path
+    from mtpeft.base_models import build_base
+
+    base, tokenizer = build_base("smollm2", "causal", [])
+    model = mtpeft.get_model(base, mtpeft.PolyConfig(r=4, n_skills=2, n_tasks=2, target_modules=["q_proj", "v_proj"]))
+    randomise(model.eval(), scale=0.05)
+    model.export_lora(tmp_path / "out", task=1)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == smollm2_path() and config["task_type"] == "CAUSAL_LM"
+    b = tokenizer(["Hello there", "What is 2+2?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = model(**b, task_ids=torch.ones(2, dtype=torch.long)).logits
+        model.merge(task=1)
+        noise = (model(**b).logits - ours).abs().max()
+        model.unmerge()
+        got = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out").eval()(**b).logits
+        base_out = AutoModelForCausalLM.from_pretrained(smollm2_path())(**b).logits
+    assert (got - ours).abs().max() <= 2 * noise + 1e-5
+    assert (ours - base_out).abs().max() > 100 * (2 * noise + 1e-5)  # the adapter does something
