@@ -348,3 +348,23 @@ def test_smollm2_export_names_the_cached_hf_folder_and_loads_with_auto_peft(tmp_
         base_out = AutoModelForCausalLM.from_pretrained(smollm2_path())(**b).logits
     assert (got - ours).abs().max() <= 2 * noise + 1e-5
     assert (ours - base_out).abs().max() > 100 * (2 * noise + 1e-5)  # the adapter does something
+
+
+def test_a_failure_mid_export_leaves_no_folder(saved, tmp_path, monkeypatch):
+    """The folder is written beside its place and renamed in: an error while writing its second file
+    (a full disk, say) leaves neither the export folder nor the temporary one."""
+    import mtpeft.export as export
+
+    model = mtpeft.get_model(AutoModelForCausalLM.from_pretrained(saved / "llama"), METHODS["lora"](["q_proj"]))
+    written = []
+
+    def failing_write(path, data):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        path.write_bytes(data)
+
+    monkeypatch.setattr(export, "atomic_write_bytes", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        model.export_lora(tmp_path / "out")
+    assert written and list(tmp_path.iterdir()) == []
