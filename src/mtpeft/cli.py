@@ -33,6 +33,10 @@ def cmd_train(args) -> int:
         report = write_report([out], out / "report")
         print(f"mtpeft: report written to {report}")
     print(f"mtpeft: run folder {out}")
+    if is_main_process():
+        from .export import export_command
+
+        print(f"mtpeft: to serve it with stock PEFT / vLLM: {export_command(out, run)}")
     return 0
 
 
@@ -53,17 +57,42 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import load_run
+    """Exact methods: the run's LoRA for the task (mtpeft.export). Token-routed methods have no exact
+    LoRA: they go to the distilled export (mtpeft.distill)."""
+    import importlib.util
+    import json
 
-    model, _, _, tasks, _ = load_run(args.run_dir)
-    task = args.task
-    if task is not None and not task.lstrip("-").isdigit():
-        names = [t.name for t in tasks]
-        if task not in names:
-            raise SystemExit(f"mtpeft export: unknown task {task!r}; this run's tasks are {names}.")
-        task = names.index(task)
-    model.export_lora(args.out, task=None if task is None else int(task))
-    print(f"mtpeft: wrote a PEFT LoRA adapter to {args.out} (load it with peft.PeftModel.from_pretrained)")
+    from .export import ExportError, export_run, run_exports_exactly
+
+    rank, calibration = getattr(args, "rank", None), getattr(args, "calibration", None)
+    all_tasks = bool(getattr(args, "all_tasks", False))
+    if run_exports_exactly(args.run_dir):
+        if rank is not None or calibration is not None or all_tasks:
+            raise SystemExit("mtpeft export: error: --rank, --calibration and --all-tasks are for distilled "
+                             "exports of token-routed methods; this run's method exports its LoRA exactly: "
+                             "leave them out.")
+        try:
+            out = export_run(args.run_dir, args.out, args.task)
+        except (ExportError, FileNotFoundError) as err:  # one line, nothing written
+            raise SystemExit(f"mtpeft export: error: {err}") from None
+        how = "exact"
+    else:
+        if importlib.util.find_spec("mtpeft.distill") is None:
+            raise ExportError("this run's method routes by token, so no fixed LoRA equals it; its distilled "
+                              "export (mtpeft.distill) is not in this version of mtpeft.")
+        from .distill import distill_run
+
+        out = distill_run(args.run_dir, args.out, task=args.task, all_tasks=all_tasks, rank=rank,
+                          calibration=calibration)
+        how = "distilled"
+    config = json.loads((Path(out) / "adapter_config.json").read_text())
+    loader = {"CAUSAL_LM": "peft.AutoPeftModelForCausalLM.from_pretrained",
+              "SEQ_2_SEQ_LM": "peft.AutoPeftModelForSeq2SeqLM.from_pretrained",
+              "FEATURE_EXTRACTION": "peft.AutoPeftModelForFeatureExtraction.from_pretrained"}.get(
+        config.get("task_type"), "peft.PeftModel.from_pretrained(base, ...)")
+    head = " + head.safetensors (the task's classifier; see docs/guide.md)" if (Path(out) / "head.safetensors").exists() else ""
+    print(f"mtpeft: wrote a {how} PEFT LoRA to {out} for base {config.get('base_model_name_or_path')}; "
+          f"load it with {loader}('{out}'){head}")
     return 0
 
 

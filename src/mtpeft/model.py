@@ -363,12 +363,15 @@ class MultiTaskModel(nn.Module):
 
         return load_adapter(base_model, path, is_trainable=is_trainable)
 
-    def export_lora(self, path, task: int | None = None) -> None:
-        """Write a plain PEFT LoRA folder for ``task`` (task-routed methods) that PEFT loads."""
-        from .export import export_peft_lora
+    def export_lora(self, path, task: int | None = None, labels: list[str] | None = None):
+        """Write a plain PEFT LoRA folder for ``task`` that stock PEFT loads on the stock base model
+        (see mtpeft.export). ``task``: the task of a task-routed method, or the task whose head an
+        encoder classifier exports; ``labels``: that head's label names. Returns the folder."""
+        from .export import export_peft_lora, has_task_heads
 
-        self._check_task_argument(task)
-        export_peft_lora(self, path, task)
+        if self.config.task_routed or not has_task_heads(self):
+            self._check_task_argument(task)
+        return export_peft_lora(self, path, task, labels=labels)
 
     def unload(self) -> nn.Module:
         """Put the original layers back and return the bare base model (adapters dropped)."""

@@ -164,21 +164,28 @@ def evaluate_run_model(model, tokenizer, kind, tasks, run: RunConfig, out: Path,
     return {"split": split, **scores}
 
 
+def run_adapter_folder(run_dir) -> Path:
+    """The run's final adapter/ folder, else its newest complete checkpoint."""
+    adapter = Path(run_dir) / "adapter"
+    if adapter.exists():
+        return adapter
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir} has neither adapter/ nor a complete checkpoint: it holds no "
+                                f"trained adapter yet. Train it first (mtpeft train), or pass another run folder.")
+    return checkpoints[-1]
+
+
 def load_run(run_dir) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
     """The trained model of a run folder, ready to evaluate."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a folder written by `mtpeft train`.")
+    adapter = run_adapter_folder(run_dir)  # before loading data and model: a run without one fails fast
     run = load_run_config(run_dir / "config.yaml")
     tasks = load_run_tasks(run)
     kind = model_kind(run.model.name, run.model.kind)
     base, tokenizer = build_base(run.model.name, kind, tasks, seed=run.train.seed)
-    adapter = run_dir / "adapter"
-    if not adapter.exists():
-        checkpoints = complete_checkpoints(run_dir)
-        if not checkpoints:
-            raise FileNotFoundError(f"{run_dir} has neither adapter/ nor a complete checkpoint.")
-        adapter = checkpoints[-1]
     model = MultiTaskModel.from_pretrained(base, adapter)
     return model, tokenizer, kind, tasks, run
 
