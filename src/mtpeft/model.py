@@ -331,7 +331,10 @@ class MultiTaskModel(nn.Module):
     # ------------------------------------------------------------------ enable / disable, merge
     @contextmanager
     def disable_adapters(self):
-        """Run the bare base model inside this block (merged weights stay merged)."""
+        """Run the bare base model inside this block. Refused while merged: the merged base weights carry
+        the adapter, so "disabled" would silently still apply it."""
+        self.check_usable("disable its adapters")
+        self.check_not_merged("disable_adapters")
         layers = [layer for _, layer in self.adapted_layers()]
         previous = [layer.adapters_enabled for layer in layers]
         for layer in layers:
