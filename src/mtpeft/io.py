@@ -80,10 +80,13 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def save_adapter(model, path) -> None:
+    from .model import MultiTaskModel
+
     path = Path(path)
-    model.check_usable("save adapters")
-    for _, layer in model.adapted_layers():
-        layer.check_initialised("saving")
+    if isinstance(model, MultiTaskModel):  # (mtpeft.distributed passes gathered tensors in a small holder)
+        model.check_usable("save adapters")
+        for _, layer in model.adapted_layers():
+            layer.check_initialised("saving")
     if path.exists() and not path.is_dir():
         raise AdapterFileError(f"cannot save the adapter to {path}: it is a file, not a folder. Pass a folder "
                                f"path (save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME} into it).")
