@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +20,6 @@ import mtpeft
 from mtpeft.io import AdapterFileError, WEIGHTS_NAME, CONFIG_NAME, load_adapter_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def q_proj(model):
-    return model.base_model.model.layers[0].self_attn.q_proj
 
 
 # ----------------------------------------------------------------------------------- 1. merged state
@@ -203,6 +198,8 @@ def meta_wrapped():
         for name, p in model.named_parameters():
             if model.parameter_role(name) is None:
                 p.normal_(0, 0.02)  # stands for loading the base weights
+            else:  # to_empty leaves arbitrary memory (NaN possible); a fixed non-zero pattern stands for it
+                p.fill_(0.5)
     return model
 
 

@@ -89,12 +89,14 @@ def _refuse_adapted_base(base_model: nn.Module) -> None:
             f"plain base model first.")
 
 
-def _shared_weight_names(root: nn.Module, weight: torch.Tensor, own_name: str) -> list[str]:
-    """Names of the other parameters of ``root`` that are ``weight`` or share its memory (tied weights,
-    e.g. an LM head tied to the input embeddings)."""
-    ptr = weight.untyped_storage().data_ptr()
-    return [n for n, p in root.named_parameters(remove_duplicate=False)
-            if n != own_name and (p is weight or p.untyped_storage().data_ptr() == ptr)]
+def _parameters_by_storage(root: nn.Module) -> dict[int, list[str]]:
+    """Storage address -> the names of the parameters of ``root`` living in it. Two names for one address
+    are tied weights (the same Parameter, e.g. an LM head tied to the input embeddings) or views of one
+    buffer."""
+    by_storage: dict[int, list[str]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(param.untyped_storage().data_ptr(), []).append(name)
+    return by_storage
 
 
 class MultiTaskModel(nn.Module):
@@ -359,11 +361,11 @@ class MultiTaskModel(nn.Module):
         layers = [layer for _, layer in self.adapted_layers()]
         if not layers[0].mergeable:
             layers[0].lora_factors(task)  # raises the method's explanation
+        by_storage = _parameters_by_storage(self.base_model)
         for name, layer in self.adapted_layers():
-            if layer.merged:
-                continue
-            shared = _shared_weight_names(self.base_model, layer.weight, f"{name}.base_layer.weight")
-            if shared:
+            own = f"{name}.base_layer.weight"
+            shared = [n for n in by_storage.get(layer.weight.untyped_storage().data_ptr(), []) if n != own]
+            if shared and not layer.merged:
                 raise ValueError(
                     f"cannot merge into {name}: its weight is tied to {shared} (the same memory), so merging "
                     f"in place would change those too. Keep this adapter unmerged (forward gives the same "
