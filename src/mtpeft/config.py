@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,14 +26,40 @@ def check_probability(config_name: str, field_name: str, value: Any) -> None:
 
 
 def check_positive_number(config_name: str, field_name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{config_name}.{field_name} must be a positive number, got {value!r}.")
 
 
 def check_non_negative(config_name: str, field_name: str, value: Any) -> None:
-    """A weight or scale that may be 0 (off) but not negative; NaN is refused too."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    """A weight or scale that may be 0 (off) but not negative; NaN and Inf are refused too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ValueError(f"{config_name}.{field_name} must be a number >= 0, got {value!r}.")
+
+
+def check_float_fields(config) -> None:
+    """Every field annotated ``float`` (of any method's config) holds a finite int or float: NaN or ±Inf
+    in e.g. lora_alpha would make every output NaN without an error. Range checks stay with each field."""
+    name = type(config).__name__
+    for f in dataclasses.fields(config):
+        if str(f.type).split("|")[0].strip() != "float":
+            continue
+        value = getattr(config, f.name)
+        if value is None and "None" in str(f.type):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}.{f.name} must be a number, got {type(value).__name__} {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}.{f.name} must be a finite number, got {value!r}.")
+
+
+def check_module_names(config_name: str, field_name: str, value: Any, *, allow_regex: bool) -> None:
+    """A list of module names (or, where allowed, one regex string / "all-linear"), or None."""
+    if value is None or (allow_regex and isinstance(value, str)):
+        return
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return
+    kinds = "a list of module names" + (", a regex string or 'all-linear'" if allow_regex else "")
+    raise TypeError(f"{config_name}.{field_name} must be {kinds}, or None; got {type(value).__name__} {value!r}.")
 
 
 def check_choice(config_name: str, field_name: str, value: Any, choices) -> None:
@@ -65,6 +92,21 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     task_routed: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        """After the whole ``__post_init__`` chain of a method config (so each field's own range check
+        speaks first), check every float field is a finite number (:func:`check_float_fields`)."""
+        super().__init_subclass__(**kwargs)
+        body = cls.__dict__.get("__post_init__")
+        if body is None:
+            return
+
+        def __post_init__(self, _body=body):
+            _body(self)
+            if type(self).__post_init__ is __post_init__:  # the outermost call only
+                check_float_fields(self)
+
+        cls.__post_init__ = __post_init__
     # Default target role when target_modules is None: "attention_qv", "attention_all" or "mlp".
     default_targets: ClassVar[str] = "attention_qv"
 
@@ -76,6 +118,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_module_names(name, "target_modules", self.target_modules, allow_regex=True)
+        check_module_names(name, "exclude_modules", self.exclude_modules, allow_regex=True)
+        check_module_names(name, "modules_to_save", self.modules_to_save, allow_regex=False)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:

@@ -34,10 +34,32 @@ def _version() -> str:
     return __version__
 
 
+def _current_umask() -> int:
+    """The process umask. POSIX has no read-only call, so set it and put it back; a file another thread
+    creates in that instant gets 0o077, the strict mask, never a looser one."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would leave: an existing file keeps its mode, a new one gets
+    0o666 minus the umask. (mkstemp creates 0o600 whatever the umask, which left saved adapters
+    unreadable to a serving process running as another user.)"""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``), with
+    the permissions a plain write would give (see :func:`_new_file_mode`)."""
     path = Path(path)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -58,7 +80,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def save_adapter(model, path) -> None:
+    from .model import MultiTaskModel
+
     path = Path(path)
+    if isinstance(model, MultiTaskModel):  # (mtpeft.distributed passes gathered tensors in a small holder)
+        model.check_usable("save adapters")
+        for _, layer in model.adapted_layers():
+            layer.check_initialised("saving")
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"cannot save the adapter to {path}: it is a file, not a folder. Pass a folder "
+                               f"path (save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME} into it).")
     path.mkdir(parents=True, exist_ok=True)
     config = {"mtpeft_version": _version(), **model.config.to_dict()}
     atomic_save_safetensors(model.adapter_state_dict(), path / WEIGHTS_NAME,
@@ -100,11 +131,22 @@ def read_adapter_tensors(path) -> dict[str, torch.Tensor]:
                 f"(a pickle can run code). Convert it to safetensors from a trusted source first.")
         raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}.")
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(
             f"{weights} is not a readable safetensors file ({err}); it may be truncated or corrupted. "
             f"Save the adapter again.") from None
+    check_tensors_finite(tensors, weights)
+    return tensors
+
+
+def check_tensors_finite(tensors: dict[str, torch.Tensor], source) -> None:
+    """Refuse NaN / ±Inf in loaded weights: they would make every output NaN without an error."""
+    for key, value in tensors.items():
+        if (value.dtype.is_floating_point or value.dtype.is_complex) and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise AdapterFileError(f"{source}: tensor {key!r} holds {bad} NaN or infinite values; the adapter "
+                                   f"was saved from a diverged run or is corrupted. Use an earlier checkpoint.")
 
 
 def check_tensors_fit(model, tensors: dict[str, torch.Tensor], source) -> None:
@@ -130,10 +172,15 @@ def check_tensors_fit(model, tensors: dict[str, torch.Tensor], source) -> None:
 
 @torch.no_grad()
 def copy_tensors_into(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors into the model's adapter parameters (which every one of them then covers, so
+    the layers count as initialised). Refused while merged: the merged base would keep the old ΔW."""
+    model.check_not_merged("loading adapter weights")
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         param = params[f"base_model.{key}"]
         param.copy_(value.to(device=param.device, dtype=param.dtype))
+    for _, layer in model.adapted_layers():
+        layer.adapters_initialised = True
 
 
 def load_adapter(base_model, path, is_trainable: bool = False):
@@ -162,6 +209,8 @@ def load_adapter(base_model, path, is_trainable: bool = False):
 
 def load_adapter_weights(model, path) -> None:
     """Load a saved adapter into an already wrapped model whose config must equal the saved one."""
+    model.check_usable("load adapter weights")
+    model.check_not_merged("load_adapter_weights")
     config = read_adapter_config(path)
     mine, theirs = model.config.to_dict(), config.to_dict()
     differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))

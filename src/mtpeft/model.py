@@ -66,11 +66,43 @@ class _SignedForward:
         return MultiTaskModel.forward(self.model, *args, **kwargs)
 
 
+def _refuse_adapted_base(base_model: nn.Module) -> None:
+    """A base that already carries adapters (mtpeft's, injected in place by an earlier get_model, or
+    PEFT's) would get adapters nested inside adapters; refuse it with what to do instead."""
+    if isinstance(base_model, MultiTaskModel):
+        raise TypeError("this model is already wrapped by mtpeft; wrap the bare base model instead.")
+    ours = [n for n, m in base_model.named_modules() if isinstance(m, AdaptedLayer)]
+    if ours:
+        raise TypeError(
+            f"this model already carries mtpeft adapters ({len(ours)} adapted layers, e.g. {ours[0]!r}): it "
+            f"was passed to get_model before, which adapts the base in place. Call model.unload() on that "
+            f"MultiTaskModel to get the bare base back, or build a fresh base model.")
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    theirs = [n for n, m in base_model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if theirs:
+        raise TypeError(
+            f"this model carries PEFT adapters ({len(theirs)} PEFT layers, e.g. {theirs[0]!r}); mtpeft does "
+            f"not nest its adapters inside PEFT's. Use peft_model.merge_and_unload() (or .unload()) to get a "
+            f"plain base model first.")
+
+
+def _parameters_by_storage(root: nn.Module) -> dict[int, list[str]]:
+    """Storage address -> the names of the parameters of ``root`` living in it. Two names for one address
+    are tied weights (the same Parameter, e.g. an LM head tied to the input embeddings) or views of one
+    buffer."""
+    by_storage: dict[int, list[str]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(param.untyped_storage().data_ptr(), []).append(name)
+    return by_storage
+
+
 class MultiTaskModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: AdapterConfig):
         super().__init__()
-        if isinstance(base_model, MultiTaskModel):
-            raise TypeError("this model is already wrapped by mtpeft; wrap the bare base model instead.")
+        _refuse_adapted_base(base_model)
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an mtpeft method config (e.g. mtpeft.LoraConfig), got "
                             f"{type(config).__name__}.")
@@ -89,6 +121,7 @@ class MultiTaskModel(nn.Module):
         layer_cls = get_layer_class(config.method)
         n_layers = max(_layer_index(n) for n in targets) + 1
         self.adapted_names = targets
+        self.unloaded = False
         injected = []
         try:
             for name in targets:
@@ -196,8 +229,48 @@ class MultiTaskModel(nn.Module):
         return bool(layers) and all(layer.merged for _, layer in layers)
 
     # ------------------------------------------------------------------ forward / generate
+    def check_usable(self, action: str) -> None:
+        """Refuse ``action`` after ``unload()``: the adapters are gone and the base model stands alone."""
+        if self.unloaded:
+            raise RuntimeError(f"this MultiTaskModel was unloaded (its adapters removed); it cannot {action}. "
+                               f"Use the base model unload() returned, or wrap it again with get_model.")
+
+    def check_not_merged(self, action: str) -> None:
+        """Refuse ``action`` (one that changes adapter weights, the task count or the method) while the
+        adapter is merged: the merged base weights would no longer match the adapter, and unmerge would
+        restore a base that the new adapter never saw."""
+        merged = sorted({layer.merged_task for _, layer in self.adapted_layers() if layer.merged}, key=str)
+        if merged:
+            which = "" if merged == [None] else f" for task {merged[0]}"
+            raise ValueError(f"the adapter is merged{which}; call model.unmerge() before {action} "
+                             f"(and merge again afterwards if needed).")
+
+    def _check_not_training_merged(self) -> None:
+        """A training step while merged would train nothing (the merged layers run the base weights
+        only); say so instead of torch's "element 0 of tensors does not require grad"."""
+        layers = self.adapted_names
+        if layers and self.base_model.get_submodule(layers[0]).merged and any(
+                p.requires_grad for n, p in self.named_parameters() if self.parameter_role(n) not in (None, "saved")):
+            raise RuntimeError("the adapter is merged, so a training forward (train mode, gradients on) would "
+                               "not train it; call model.unmerge() before training, or model.eval() / "
+                               "torch.no_grad() for inference.")
+
+    def reset_adapter_parameters(self) -> None:
+        """Initialise every adapter as at construction (ΔW = 0 for the LoRA family). Call it after
+        materialising a model built on the meta device with ``to_empty(device=...)``: ``to_empty``
+        allocates uninitialised memory, and forward / save / merge refuse such adapters until then."""
+        self.check_usable("reset its adapters")
+        self.check_not_merged("reset_adapter_parameters")
+        with torch.no_grad():
+            for _, layer in self.adapted_layers():
+                layer.reset_parameters()
+
     def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
         """Call the wrapped model. ``task_ids``: LongTensor (batch,), one task per example."""
+        if self.unloaded:
+            self.check_usable("run forward")
+        if self.base_model.training and torch.is_grad_enabled():  # the base's mode: get_model keeps it
+            self._check_not_training_merged()
         task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
         if self._base_takes_task_ids:
             kwargs["task_ids"] = task_ids
@@ -255,6 +328,7 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
         """``base_model.generate`` with task ids; beams and multiple return sequences are handled."""
+        self.check_usable("generate")
         task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
         with self.routing.scope(task_ids, None, record=False):
             return self.base_model.generate(*args, **kwargs)
@@ -301,7 +375,10 @@ class MultiTaskModel(nn.Module):
     # ------------------------------------------------------------------ enable / disable, merge
     @contextmanager
     def disable_adapters(self):
-        """Run the bare base model inside this block (merged weights stay merged)."""
+        """Run the bare base model inside this block. Refused while merged: the merged base weights carry
+        the adapter, so "disabled" would silently still apply it."""
+        self.check_usable("disable its adapters")
+        self.check_not_merged("disable_adapters")
         layers = [layer for _, layer in self.adapted_layers()]
         previous = [layer.adapters_enabled for layer in layers]
         for layer in layers:
@@ -313,11 +390,28 @@ class MultiTaskModel(nn.Module):
                 layer.adapters_enabled = was
 
     def merge(self, task: int | None = None) -> None:
-        """Fold the adapter (for ``task`` with task-routed methods) into the base weights."""
+        """Fold the adapter (for ``task`` with task-routed methods) into the base weights, in place.
+
+        Refused for a layer whose weight is tied to (shares memory with) another parameter, e.g. an
+        ``lm_head`` tied to the input embeddings: merging in place would change the embeddings too.
+        mtpeft does not merge out of place there: that would allocate an untied copy of the weight
+        (for an LM head a whole vocab x hidden matrix) and silently break the tie. Keep such an adapter
+        unmerged (it runs unmerged at the same result) or untie the weights in the base first.
+        ``unmerge()`` restores the base weights bit for bit (see ``AdaptedLayer.merge``)."""
         self._check_task_argument(task)
+        self.check_usable("merge")
         layers = [layer for _, layer in self.adapted_layers()]
         if not layers[0].mergeable:
             layers[0].lora_factors(task)  # raises the method's explanation
+        by_storage = _parameters_by_storage(self.base_model)
+        for name, layer in self.adapted_layers():
+            own = f"{name}.base_layer.weight"
+            shared = [n for n in by_storage.get(layer.weight.untyped_storage().data_ptr(), []) if n != own]
+            if shared and not layer.merged:
+                raise ValueError(
+                    f"cannot merge into {name}: its weight is tied to {shared} (the same memory), so merging "
+                    f"in place would change those too. Keep this adapter unmerged (forward gives the same "
+                    f"result), or untie the weights of the base model before wrapping it.")
         done = []
         try:
             for layer in layers:
@@ -329,6 +423,7 @@ class MultiTaskModel(nn.Module):
             raise
 
     def unmerge(self) -> None:
+        """Restore the base weights exactly as before merge (bit for bit)."""
         for _, layer in self.adapted_layers():
             layer.unmerge()
 
@@ -369,12 +464,15 @@ class MultiTaskModel(nn.Module):
         encoder classifier exports; ``labels``: that head's label names. Returns the folder."""
         from .export import export_peft_lora, has_task_heads
 
+        self.check_usable("export")
         if self.config.task_routed or not has_task_heads(self):
             self._check_task_argument(task)
         return export_peft_lora(self, path, task, labels=labels)
 
     def unload(self) -> nn.Module:
-        """Put the original layers back and return the bare base model (adapters dropped)."""
+        """Put the original layers back and return the bare base model (adapters dropped; a merged
+        adapter is unmerged first, restoring the base weights exactly). The wrapper is then spent:
+        everything but ``unload()`` (which returns the same base again) refuses."""
         for name, layer in self.adapted_layers():
             layer.unmerge()
             _set_submodule(self.base_model, name, layer.base_layer)
@@ -382,6 +480,7 @@ class MultiTaskModel(nn.Module):
         if self._encoder_states_hook is not None:
             self._encoder_states_hook.remove()
             self._encoder_states_hook = None
+        self.unloaded = True
         return self.base_model
 
     def extra_repr(self) -> str:

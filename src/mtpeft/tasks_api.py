@@ -101,8 +101,8 @@ def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
     if not cfg.task_routed or not all(hasattr(layer, "add_tasks") for layer in layers):
         raise TypeError(f"{type(cfg).__name__} has no per-task parameters: add_tasks applies to task-routed "
                         f"methods (per-task LoRA, MTL-LoRA, Poly / MHR, C-Poly).")
-    if any(layer.merged for layer in layers):
-        raise ValueError("the adapter is merged; call model.unmerge() before add_tasks.")
+    model.check_usable("add tasks")
+    model.check_not_merged("add_tasks")
     if train_only_routing and not any(role == "router" for layer in layers
                                       for role in layer.parameter_roles.values()):
         raise ValueError(f"{type(cfg).__name__} has no routing logits, so train_only_routing=True would "

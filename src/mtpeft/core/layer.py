@@ -20,6 +20,7 @@ with the scale folded into B; merge, unmerge and PEFT export are then generic.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -81,6 +82,23 @@ class AdaptedLayer(nn.Module):
     # an encoder-decoder's decoder layers (set by the wrapper).
     token_stream: str = "input"
 
+    def __init_subclass__(cls, **kwargs):
+        """Mark a layer initialised whenever its ``reset_parameters`` runs, whoever calls it (the
+        constructor, ``MultiTaskModel.reset_adapter_parameters``, or FSDP2's meta-init recipe in
+        ``mtpeft.distributed``). A layer built on the meta device and then materialised with
+        ``to_empty`` holds uninitialised memory until then; forward and save refuse it."""
+        super().__init_subclass__(**kwargs)
+        reset = cls.__dict__.get("reset_parameters")
+        if reset is not None and not getattr(reset, "_marks_initialised", False):
+            @functools.wraps(reset)
+            def reset_parameters(self, *args, _reset=reset, **kw):
+                out = _reset(self, *args, **kw)
+                self.adapters_initialised = True
+                return out
+
+            reset_parameters._marks_initialised = True
+            cls.reset_parameters = reset_parameters
+
     def __init__(self, base_layer: nn.Module, config, *, module_name: str, routing: RoutingState,
                  layer_index: int = 0, n_layers: int = 1):
         super().__init__()
@@ -93,6 +111,7 @@ class AdaptedLayer(nn.Module):
         object.__setattr__(self, "routing", routing)  # shared plain object, not a submodule
         self.adapters_enabled = True
         self.merged_task = _NOT_MERGED
+        self.adapters_initialised = False  # set by reset_parameters (or by loading saved weights)
         weight = base_layer.weight
         self.adapter_dtype = resolve_dtype(config.adapter_dtype, weight)
         self.create_parameters(dict(device=weight.device, dtype=self.adapter_dtype))
@@ -143,9 +162,20 @@ class AdaptedLayer(nn.Module):
     def merged(self) -> bool:
         return self.merged_task is not _NOT_MERGED
 
+    def check_initialised(self, action: str) -> None:
+        """Refuse ``action`` on adapters that hold uninitialised memory (built on the meta device and
+        materialised with ``to_empty`` without ``reset_parameters``): ΔW = 0 at init would not hold."""
+        if not self.adapters_initialised and self.weight.device.type != "meta":
+            raise RuntimeError(
+                f"the adapters of {self.module_name} were never initialised (the model was built on the "
+                f"meta device and materialised with to_empty()); call model.reset_adapter_parameters() "
+                f"or load saved adapter weights before {action}.")
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.adapters_enabled:
             return self.base_layer(x, *args, **kwargs)
+        if not self.adapters_initialised:
+            self.check_initialised("running the model")
         if self.merged:
             self._check_merged_task()
             return self.base_layer(x, *args, **kwargs)
@@ -207,6 +237,10 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, task: int | None) -> None:
+        """W <- W + ΔW_task in place, keeping a copy of the original W so that unmerge restores it bit
+        for bit. Why a copy: W + ΔW - ΔW rounds (in bf16 most entries move by an ulp; in fp32 some do),
+        so subtracting again would drift the base a little with every merge / unmerge cycle. Cost: one
+        extra copy of each merged weight (in its dtype, on its device) while merged."""
         if self.merged:
             if self.merged_task == task:
                 return  # merging the same task twice is a no-op
@@ -214,8 +248,11 @@ class AdaptedLayer(nn.Module):
                 f"the adapter is already merged for task {self.merged_task}; call unmerge() before "
                 f"merging task {task}."
             )
+        self.check_initialised("merging")
         weight = self.base_layer.weight
-        weight.add_(self.delta_weight(task).to(weight.dtype))
+        delta = self.delta_weight(task).to(weight.dtype)
+        self.__dict__["_unmerged_weight"] = weight.detach().clone()  # plain attribute: not in state_dict
+        weight.add_(delta)
         self.merged_task = task
 
     @torch.no_grad()
@@ -223,7 +260,11 @@ class AdaptedLayer(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.sub_(self.delta_weight(self.merged_task).to(weight.dtype))
+        original = self.__dict__.pop("_unmerged_weight", None)
+        if original is not None:
+            weight.copy_(original)
+        else:  # merged by an older copy of this object without the saved weight
+            weight.sub_(self.delta_weight(self.merged_task).to(weight.dtype))
         self.merged_task = _NOT_MERGED
 
     def extra_repr(self) -> str:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+# Without n_tasks (token-routed methods), the largest id sizes the per-task router statistics
+# (routing.router_statistics: a (max id + 1, n_experts) load table per module). Ids at or above this cap
+# are refused rather than allocating an unbounded table (an id of 2e7 took 8.4 GiB).
+MAX_TASK_ID_WITHOUT_N_TASKS = 4096
+
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features",
                "decoder_input_ids")
 
@@ -51,7 +56,19 @@ def validate_task_ids(task_ids, batch_size: int | None, n_tasks: int | None, *, 
             f"task_ids has {task_ids.shape[0]} entries but the batch has {batch_size} examples; "
             f"pass exactly one task id per example."
         )
+    if task_ids.device.type == "meta":
+        raise ValueError("task_ids are on the meta device (they hold no values); pass real ids, e.g. "
+                         "torch.tensor([...], device=<the inputs' device>).")
     task_ids = task_ids.long()
+    if n_tasks is None and task_ids.numel():
+        low, high = int(task_ids.min()), int(task_ids.max())
+        if low < 0:
+            raise ValueError(f"task id {low} is out of range: task ids are >= 0.")
+        if high >= MAX_TASK_ID_WITHOUT_N_TASKS:
+            raise ValueError(
+                f"task id {high} is too large for an adapter built without n_tasks (ids below "
+                f"{MAX_TASK_ID_WITHOUT_N_TASKS} are accepted; the largest id sizes the per-task router "
+                f"statistics): set n_tasks in the method config to the number of tasks.")
     if n_tasks is not None and not allow_unknown and task_ids.numel():
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
