@@ -42,6 +42,7 @@ __all__ = [
     "task_from_dict",
     "load_task",
     "load_tasks",
+    "check_unique_names",
 ]
 
 KINDS = ("classification", "multiple_choice", "generation")
@@ -487,9 +488,23 @@ def load_task(
     )
 
 
+def check_unique_names(specs: Sequence[TaskSpec]) -> None:
+    """Refuse two tasks with one name: datasets, heads and metrics are keyed by it, so one task's data
+    would silently replace the other's."""
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            raise TaskSpecError(
+                f"Tasks {seen[spec.name]} and {i} are both named {spec.name!r}; every task needs its own name "
+                f"(one's data would replace the other's). Rename one with a task entry such as "
+                f"{{name: {spec.name}_2, source: {spec.source!r}}}.")
+        seen[spec.name] = i
+
+
 def load_tasks(specs: Sequence[TaskSpec | str], **kwargs: Any) -> list[TaskData]:
     """Load several tasks; the BIG-bench ones are pulled out of the tarball in a single pass first."""
     specs = [get_task(s) if isinstance(s, str) else s for s in specs]
+    check_unique_names(specs)
     bb = [_parse_source(s.name, s.source)[1] for s in specs if _parse_source(s.name, s.source)[0] == "bigbench"]
     if bb:
         from mtpeft.data.bigbench import prefetch_bigbench_tasks
