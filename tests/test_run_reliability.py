@@ -210,7 +210,6 @@ REFUSED_CHANGES = {
     "seed": ({"train.seed": 1}, r"train.seed: 0 -> 1"),
     "temperature": ({"data.temperature": 1.0}, r"data.temperature: 2.0 -> 1.0"),
     "data_seed": ({"data.seed": 3}, r"data.seed: 0 -> 3"),
-    "steps": ({"train.steps": 8}, r"train.steps: 4 -> 8 \(another learning-rate schedule"),
     "batch_size": ({"train.batch_size": 2}, r"train.batch_size: 4 -> 2"),
     "warmup": ({"train.warmup_ratio": 0.5}, r"train.warmup_ratio: 0.0 -> 0.5"),
     "max_length": ({"model.max_length": 24}, r"model.max_length: 16 -> 24"),
@@ -257,6 +256,25 @@ def test_a_rerun_with_changes_resume_honours_warns_and_resumes(tiny, trained, tm
     assert saved.train.eval_batch_size == 7 and saved.data.max_eval_examples == 3
     assert json.loads((out / "metrics.json").read_text())["tasks"]["task0"]["n"] == 3
     torch.set_num_threads(1)
+
+
+def test_a_rerun_with_more_steps_trains_on_with_a_warning(tiny, trained, tmp_path):
+    """train.steps raised: the run trains on from the last checkpoint to the new length; the warning
+    says that the learning-rate schedule changed."""
+    out = copy_of(trained, tmp_path)
+    messages = []
+    train_run(run_config_from_dict(run_dict(tiny, out, steps=6)), evaluate=False, log=messages.append)
+    text = "\n".join(map(str, messages))
+    assert "warning: resuming" in text and "train.steps changed from 4 to 6 (the linear learning-rate schedule" in text
+    assert f"resuming from {out / 'checkpoint-4'}" in text
+    assert complete_checkpoints(out)[-1] == out / "checkpoint-6"
+
+
+def test_a_rerun_with_fewer_steps_than_the_checkpoint_is_refused(tiny, trained, tmp_path):
+    """Before the fix: 0 steps trained and the 4-step adapter saved as the 2-step run's."""
+    out = copy_of(trained, tmp_path)
+    refused(lambda: train_run(run_config_from_dict(run_dict(tiny, out, steps=2)), log=quiet), RunFolderError,
+            r"checkpoint-4 is already past train.steps=2; resuming would train 0 steps.*--no-resume", out, tiny[0])
 
 
 def test_a_rerun_of_a_run_folder_without_config_yaml_is_refused(tiny, trained, tmp_path):

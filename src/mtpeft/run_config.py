@@ -87,6 +87,10 @@ class RunConfigError(ValueError):
     or the file and what to write instead."""
 
 
+class InvalidYAMLError(RunConfigError, yaml.YAMLError):
+    """A config file that YAML cannot read (also a yaml.YAMLError, as before it was given a message)."""
+
+
 # Every field's allowed values: (type, lower bound, upper bound, None allowed), checked before anything is
 # loaded or written. "int" refuses bools and floats that are not whole; "float" refuses NaN and +-Inf.
 # Upper bounds exist where a larger value cannot work: seeds go to numpy (< 2**32), fractions are parts.
@@ -234,7 +238,7 @@ def read_yaml_mapping(path: Path) -> dict:
     except UnicodeDecodeError:
         raise RunConfigError(f"{path} is not a text file (not UTF-8); pass a YAML run config.") from None
     except yaml.YAMLError as err:
-        raise RunConfigError(f"{path} is not valid YAML ({' '.join(str(err).split())}).") from None
+        raise InvalidYAMLError(f"{path} is not valid YAML ({' '.join(str(err).split())}).") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

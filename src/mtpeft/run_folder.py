@@ -38,6 +38,10 @@ HONOURED_ON_RESUME = {
     "train.save_steps": "when checkpoints are written",
     "train.save_total_limit": "how many checkpoints are kept",
     "train.threads": "speed only (sums may differ in the last bits)",
+    # Training on from a checkpoint to a new length (the sample stream's prefix does not depend on its
+    # length); refused when the checkpoint is already past the new train.steps.
+    "train.steps": "the linear learning-rate schedule is recomputed over the new train.steps, so the steps "
+                   "after the checkpoint follow it and the result is not that of one uninterrupted run",
 }
 # Why the others are refused (by key prefix; anything not listed is refused too).
 REFUSED_ON_RESUME = {
@@ -49,7 +53,6 @@ REFUSED_ON_RESUME = {
     "data.temperature": "another task mixture from the checkpoint's step on",
     "data.val_fraction": "other splits",
     "data.test_fraction": "other splits",
-    "train.steps": "another learning-rate schedule (linear over train.steps) and sample stream",
     "train.batch_size": "another sample stream and step size",
     "train.lr": "another learning rate than the steps already trained",
     "train.routing_lr": "another learning rate than the steps already trained",
@@ -246,7 +249,6 @@ def plan_run_folder(run, resumed_adapter: dict, *, resume: bool) -> RunFolderPla
     saved_adapter.pop("modules_to_save", None)
     old = {**saved.to_dict(), "adapter": None, **{f"adapter.{k}": v for k, v in saved_adapter.items()}}
     new = {**run.to_dict(), "adapter": None, **{f"adapter.{k}": v for k, v in new_adapter.items()}}
-    _check_changes(plan, changed_settings(old, new), config_file, fix)
     for folder in reversed(checkpoints):  # newest first
         problem = checkpoint_problem(folder)
         if problem is None:
@@ -257,7 +259,12 @@ def plan_run_folder(run, resumed_adapter: dict, *, resume: bool) -> RunFolderPla
         listed = "; ".join(f"{f.name}: {p}" for f, p in plan.corrupt)
         raise RunFolderError(f"no checkpoint of {out} can be resumed ({listed}). Delete the broken checkpoint "
                              f"folders, or rerun with --no-resume to start afresh.")
+    _check_changes(plan, changed_settings(old, new), config_file, fix)
     if plan.checkpoint is not None:
+        step = int(plan.checkpoint.name.split("-")[1])
+        if step > run.train.steps:
+            raise RunFolderError(f"{plan.checkpoint} is already past train.steps={run.train.steps}; resuming would "
+                                 f"train 0 steps and keep its {step}-step weights. {fix}")
         _check_checkpoint_adapter(plan.checkpoint, resumed_adapter, fix)
     return plan
 
