@@ -584,3 +584,27 @@ def test_only_errors_that_explain_themselves_become_one_line(monkeypatch):
 def test_run_config_errors_are_value_errors():
     assert issubclass(RunConfigError, ValueError) and issubclass(RunFolderError, ValueError)
     assert issubclass(AdapterFileError, ValueError)
+
+
+# ----------------------------------------------------------------------------------- task entries at their edges
+BAD_TASK_ENTRIES = {
+    "max_examples_bool": ({"max_examples": True}, TaskSpecError, r"max_examples must be a positive integer or None, got True"),
+    "labels_a_string": ({"labels": "01"}, TaskSpecError, r"labels must be a non-empty list of class names, got '01'"),
+    "labels_empty": ({"labels": []}, TaskSpecError, r"labels must be a non-empty list"),
+    "one_label": ({"labels": ["0"]}, TaskSpecError, r"a classification task needs at least 2 labels"),
+    "one_class_in_the_data": ({"labels": None, "source": "ONE_CLASS"}, TaskDataError,
+                              r"its data has only the label \['0'\]; a classification task needs at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TASK_ENTRIES))
+def test_task_entries_at_their_edges_are_refused_before_writing(tiny, tmp_path, case):
+    """Before the fix `max_examples: true` kept 1 example, `labels: "01"` became the labels ['0', '1'] by
+    splitting the string, and a one-class task trained and scored 1.0."""
+    fields, error, match = BAD_TASK_ENTRIES[case]
+    out = tmp_path / "run"
+    data = run_dict(tiny, out)
+    if fields.get("source") == "ONE_CLASS":
+        fields = {**fields, "source": _jsonl(tmp_path / "one.json", [{"text": f"t{i}", "label": 0} for i in range(12)])}
+    data["data"]["tasks"][0].update(fields)
+    refused(lambda: train_run(run_config_from_dict(data), log=quiet), error, match, out, tiny[0])

@@ -116,10 +116,17 @@ class TaskSpec:
         if self.metric not in _METRICS_FOR_KIND[self.kind]:
             raise TaskSpecError(f"Task {self.name!r}: metric {self.metric!r} does not fit kind {self.kind!r}; "
                                 f"use one of {_METRICS_FOR_KIND[self.kind]}.")
-        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
+        if self.max_examples is not None and (isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int)
+                                              or self.max_examples < 1):
             raise TaskSpecError(f"Task {self.name!r}: max_examples must be a positive integer or None, got {self.max_examples!r}.")
         if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not self.labels:  # a string would split into letters
+                raise TaskSpecError(f"Task {self.name!r}: labels must be a non-empty list of class names, got "
+                                    f"{self.labels!r}.")
             self.labels = [str(x) for x in self.labels]
+            if self.kind == "classification" and len(self.labels) < 2:
+                raise TaskSpecError(f"Task {self.name!r}: a classification task needs at least 2 labels, got "
+                                    f"{self.labels}.")
             if len(set(self.labels)) != len(self.labels):
                 raise TaskSpecError(f"Task {self.name!r}: labels contain duplicates: {self.labels}.")
         _parse_source(self.name, self.source)  # fail early on a malformed source
@@ -473,6 +480,9 @@ def load_task(
         examples = _normalise_rows(spec, rows, class_names) if rows else []
     if not examples:
         raise TaskDataError(f"Task {spec.name!r}: source {spec.source!r} gave no examples.")
+    if spec.kind == "classification" and len(spec.labels) < 2:  # every score would be 1.0
+        raise TaskDataError(f"Task {spec.name!r}: its data has only the label {spec.labels}; a classification "
+                            f"task needs at least 2 (give all class names in 'labels').")
 
     order = np.random.default_rng(seed).permutation(len(examples))
     if spec.max_examples is not None:
