@@ -608,3 +608,25 @@ def test_task_entries_at_their_edges_are_refused_before_writing(tiny, tmp_path, 
         fields = {**fields, "source": _jsonl(tmp_path / "one.json", [{"text": f"t{i}", "label": 0} for i in range(12)])}
     data["data"]["tasks"][0].update(fields)
     refused(lambda: train_run(run_config_from_dict(data), log=quiet), error, match, out, tiny[0])
+
+
+BAD_CONFIG_FILES = {
+    "missing": (lambda p: None, r"config file .*c.yaml does not exist"),
+    "not_yaml": (lambda p: p.write_text("train: {steps: [\n"), r"c.yaml is not valid YAML \(while parsing"),
+    "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00\x01"), r"c.yaml is not a text file \(not UTF-8\)"),
+    "a_list": (lambda p: p.write_text("- method\n"), r"c.yaml must hold a YAML mapping of config keys, got list"),
+    "a_folder": (lambda p: p.mkdir(), r"c.yaml is a folder, not a YAML config file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIG_FILES))
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, case):
+    """Before the fix a config that is not YAML, not text or a folder gave a yaml / Unicode / IsADirectory
+    traceback."""
+    write, match = BAD_CONFIG_FILES[case]
+    config = tmp_path / "c.yaml"
+    write(config)
+    snapshot = Unchanged(tmp_path)
+    code, _, err = cli("train", config, capsys=capsys)
+    one_line_error(code, err, "train", match)
+    snapshot.check()
