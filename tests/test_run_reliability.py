@@ -630,3 +630,20 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, case):
     code, _, err = cli("train", config, capsys=capsys)
     one_line_error(code, err, "train", match)
     snapshot.check()
+
+
+@pytest.mark.parametrize("case", ["no_such_folder", "folder_without_config"])
+def test_a_model_name_that_is_no_model_is_one_line(tiny, tmp_path, capsys, case):
+    """Before the fix transformers took the path for a Hub repo id: an OSError traceback."""
+    name = tmp_path / "nothing"
+    if case == "folder_without_config":
+        name.mkdir()
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(with_changes(run_dict(tiny, out), {"model.name": str(name), "model.kind": None})))
+    snapshot = Unchanged(tmp_path)
+    code, _, err = cli("train", config, capsys=capsys)
+    match = (r"is neither one of \['minilm', 'smollm2'\] nor a model folder" if case == "no_such_folder"
+             else r"is not a model folder transformers can read")
+    one_line_error(code, err, "train", match)
+    snapshot.check()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from .base_models import build_base, model_kind
+from .base_models import NAMED_MODELS, build_base, model_folder, model_kind
 from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
 from .data.choices import choices_as_classification
 from .data.tasks import TaskDataError, TaskSpecError, check_unique_names
@@ -32,7 +32,7 @@ from .io import AdapterFileError, atomic_write_bytes, read_adapter_config
 from .model import MultiTaskModel, get_model
 from .optim import parameter_groups
 from .routing_report import RoutingAccumulator, routing_summary
-from .run_config import RunConfig, adapter_config, load_run_config
+from .run_config import RunConfig, RunConfigError, adapter_config, load_run_config
 from .run_folder import plan_run_folder
 from .trainer import MultiTaskTrainer, complete_checkpoints, remove_incomplete_checkpoints
 
@@ -176,12 +176,26 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
     return out
 
 
+def checked_model_kind(run: RunConfig) -> str:
+    """``model_kind`` with a clear error for a model.name that is neither a named model nor a model folder
+    (transformers would take it for a Hub repo id and fail with a traceback)."""
+    folder = model_folder(run.model.name)
+    if run.model.name not in NAMED_MODELS and not Path(folder).is_dir():
+        raise RunConfigError(f"model.name {run.model.name!r} is neither one of {sorted(NAMED_MODELS)} nor a model "
+                             f"folder (no such folder); pass a local folder with config.json and the weights.")
+    try:
+        return model_kind(run.model.name, run.model.kind)
+    except (OSError, ValueError) as err:  # no config.json (OSError), or one without model_type (ValueError)
+        raise RunConfigError(f"model.name {run.model.name!r} is not a model folder transformers can read "
+                             f"({err}).") from None
+
+
 def check_run_before_writing(run: RunConfig, *, resume: bool):
     """Everything about the run that can be checked before data and model load, without writing: the
     task list, the adapter config it will build, and the run folder (writable; on a resume, the same
     settings as its config.yaml and checkpoint, and a checkpoint that reads back). See mtpeft.run_folder."""
     specs = run_task_specs(run)
-    kind = model_kind(run.model.name, run.model.kind)
+    kind = checked_model_kind(run)
     adapter = adapter_config(run, len(specs), ["heads"] if kind == "encoder" else None)
     return plan_run_folder(run, adapter.to_dict(), resume=resume)
 
