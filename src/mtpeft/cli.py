@@ -8,6 +8,7 @@ two CPU cores, then prints per-task results and writes a report.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -181,12 +182,42 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         return args.func(args)
-    except _user_errors() as err:
-        if os.environ.get("MTPEFT_DEBUG"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except BaseException as err:
+        message = _one_line_message(err)
+        if message is None or os.environ.get("MTPEFT_DEBUG"):
+            raise  # a bug (or MTPEFT_DEBUG=1): the full traceback
         print(f"mtpeft {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+# What to do about an OSError, by errno (the message names the path).
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space there, or choose another output folder",
+    errno.EDQUOT: "free disk space there, or choose another output folder",
+    errno.EROFS: "the file system is read-only; choose another output folder",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+    errno.ENOTDIR: "a part of the path is a file; choose another path",
+    errno.EISDIR: "the path is a folder; pass a file",
+    errno.EEXIST: "the path exists; choose another one",
+    errno.ENOENT: "check the path",
+}
+
+
+def _one_line_message(err: BaseException) -> str | None:
+    """The one line to print for an error whose message names the problem and the fix, or None for
+    anything else (a bug keeps its traceback). An OSError counts when it names its path."""
+    if isinstance(err, _user_errors()):
+        return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and (err.filename is not None or err.errno in _FULL_OR_READ_ONLY):
+        fix = _OS_ERROR_FIXES.get(err.errno, "check the path")
+        where = f"cannot use {err.filename}: " if err.filename is not None else "cannot write: "
+        return f"{where}{err.strerror or err}; {fix}. (MTPEFT_DEBUG=1 shows the traceback.)"
+    return None
+
+
+# Errors of the machine, not of mtpeft, even when the OS does not say which file (a write to an open file).
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 if __name__ == "__main__":

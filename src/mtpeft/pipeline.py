@@ -20,18 +20,20 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from .base_models import build_base, model_kind
+from .base_models import NAMED_MODELS, build_base, model_folder, model_kind
 from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
 from .data.choices import choices_as_classification
+from .data.tasks import TaskDataError, TaskSpecError, check_unique_names
 from .data.collate import CausalLMCollator, EncoderClassificationCollator, Seq2SeqCollator
 from .distributed import (barrier, default_backend, init_distributed, is_distributed, is_main_process,
                           main_process_first, per_device_batch_size)
 from .evaluate import evaluate_causal, evaluate_encoder, evaluate_seq2seq
-from .io import atomic_write_bytes
+from .io import AdapterFileError, atomic_write_bytes, read_adapter_config
 from .model import MultiTaskModel, get_model
 from .optim import parameter_groups
 from .routing_report import RoutingAccumulator, routing_summary
-from .run_config import RunConfig, adapter_config, load_run_config
+from .run_config import RunConfig, RunConfigError, adapter_config, load_run_config
+from .run_folder import plan_run_folder
 from .trainer import MultiTaskTrainer, complete_checkpoints, remove_incomplete_checkpoints
 
 
@@ -39,10 +41,34 @@ def write_json(path: Path, data) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def load_run_tasks(run: RunConfig):
+def run_task_specs(run: RunConfig):
+    """The run's task specs, checked before any data is read: at least one, unique names, and no name
+    that reads as a task index (``mtpeft export --task 1`` takes a number as an index)."""
     specs = [task_from_dict(t) for t in run.data.tasks]
     if not specs:
         raise ValueError("data.tasks is empty: name at least one task (e.g. data.tasks=[bbc_news]).")
+    check_unique_names(specs)
+    for spec in specs:
+        if spec.name.strip().lstrip("-").isdigit():
+            raise TaskSpecError(f"task name {spec.name!r} reads as a task index (`mtpeft export --task "
+                                f"{spec.name}` would pick the task at that position); give it a name that "
+                                f"is not a number, e.g. 'task_{spec.name.strip()}'.")
+    return specs
+
+
+def check_splits_not_empty(tasks, split: str, why: str) -> None:
+    """Refuse to score a split that some task has no examples in (its score would be undefined)."""
+    empty = [t.name for t in tasks if not t.splits[split]]
+    if empty:
+        fraction = {"validation": "data.val_fraction", "test": "data.test_fraction"}.get(split)
+        raise TaskDataError(f"tasks {empty} have no {split} examples ({why}); "
+                            + (f"raise {fraction}, give them more data" if fraction else "give them data")
+                            + (", or train with --no-eval." if split == "test" and why == "the final evaluation"
+                               else "."))
+
+
+def load_run_tasks(run: RunConfig):
+    specs = run_task_specs(run)
     tasks = load_tasks(specs, seed=run.data.seed, val_fraction=run.data.val_fraction,
                        test_fraction=run.data.test_fraction)
     if model_kind(run.model.name, run.model.kind) == "encoder":
@@ -100,16 +126,20 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
     if not main:
         log = lambda *a, **k: None  # noqa: E731  (one copy of the messages, from rank 0)
     out = Path(run.output_dir)
+    plan = check_run_before_writing(run, resume=resume)
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     set_seed(run.train.seed)
     with main_process_first():  # rank 0 fills the data caches, the others then read them
         tasks = load_run_tasks(run)
+    if evaluate:
+        check_splits_not_empty(tasks, "test", "the final evaluation")
     model, tokenizer, kind = build_model(run, tasks)
-    # Only now: a bad data or model config fails above without creating (or touching) the run folder.
-    out.mkdir(parents=True, exist_ok=True)
+    # Only now: a bad config, data, model or run folder fails above without creating (or touching) it.
+    barrier()  # every rank has checked the folder before rank 0 changes it
     if main:
-        run.save(out / "config.yaml")
+        plan.apply(run, log)
+    barrier()
     log(f"mtpeft: {run.method} on {run.model.name} ({kind}), tasks: "
         + ", ".join(f"{t.name} ({len(t.train)} train)" for t in tasks))
     if main:
@@ -126,18 +156,18 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
     if main:
         remove_incomplete_checkpoints(out)
     barrier()
-    checkpoints = complete_checkpoints(out) if resume else []
-    if checkpoints:
-        log(f"mtpeft: resuming from {checkpoints[-1]}")
+    checkpoint = plan.checkpoint
+    if checkpoint is not None:
+        log(f"mtpeft: resuming from {checkpoint}")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     seconds = time.perf_counter() - started
     if not main:
         barrier()  # wait for rank 0 to save and evaluate
         return out
     model.save_pretrained(out / "adapter")
     write_json(out / "log_history.json", trainer.state.log_history)
-    steps_run = max(run.train.steps - (int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0), 1)
+    steps_run = max(run.train.steps - (int(checkpoint.name.split("-")[1]) if checkpoint is not None else 0), 1)
     summary = {"method": run.method, "model": run.model.name, "train_loss": result.training_loss,
                "seconds_per_step": seconds / steps_run,
                "trainable_parameters": model.trainable_parameter_breakdown()}
@@ -147,6 +177,30 @@ def train_run(run: RunConfig, *, resume: bool = True, evaluate: bool = True, log
     write_json(out / "metrics.json", summary)
     barrier()
     return out
+
+
+def checked_model_kind(run: RunConfig) -> str:
+    """``model_kind`` with a clear error for a model.name that is neither a named model nor a model folder
+    (transformers would take it for a Hub repo id and fail with a traceback)."""
+    folder = model_folder(run.model.name)
+    if run.model.name not in NAMED_MODELS and not Path(folder).is_dir():
+        raise RunConfigError(f"model.name {run.model.name!r} is neither one of {sorted(NAMED_MODELS)} nor a model "
+                             f"folder (no such folder); pass a local folder with config.json and the weights.")
+    try:
+        return model_kind(run.model.name, run.model.kind)
+    except (OSError, ValueError) as err:  # no config.json (OSError), or one without model_type (ValueError)
+        raise RunConfigError(f"model.name {run.model.name!r} is not a model folder transformers can read "
+                             f"({err}).") from None
+
+
+def check_run_before_writing(run: RunConfig, *, resume: bool):
+    """Everything about the run that can be checked before data and model load, without writing: the
+    task list, the adapter config it will build, and the run folder (writable; on a resume, the same
+    settings as its config.yaml and checkpoint, and a checkpoint that reads back). See mtpeft.run_folder."""
+    specs = run_task_specs(run)
+    kind = checked_model_kind(run)
+    adapter = adapter_config(run, len(specs), ["heads"] if kind == "encoder" else None)
+    return plan_run_folder(run, adapter.to_dict(), resume=resume)
 
 
 def evaluate_run_model(model, tokenizer, kind, tasks, run: RunConfig, out: Path, split: str = "test") -> dict:
@@ -171,19 +225,32 @@ def run_adapter_folder(run_dir) -> Path:
         return adapter
     checkpoints = complete_checkpoints(run_dir)
     if not checkpoints:
-        raise FileNotFoundError(f"{run_dir} has neither adapter/ nor a complete checkpoint: it holds no "
-                                f"trained adapter yet. Train it first (mtpeft train), or pass another run folder.")
+        raise FileNotFoundError(f"{run_dir} has neither adapter/ nor a complete checkpoint; train it first "
+                                f"(`mtpeft train {run_dir}/config.yaml`): it holds no trained adapter yet. Or pass "
+                                f"another run folder.")
     return checkpoints[-1]
 
 
 def load_run(run_dir) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
     """The trained model of a run folder, ready to evaluate."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist (or is not a folder); pass a folder "
+                                f"written by `mtpeft train`.")
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a folder written by `mtpeft train`.")
+    try:
+        run = load_run_config(run_dir / "config.yaml")
+    except ValueError as err:
+        raise type(err)(f"{run_dir}/config.yaml: {err} Restore it from the run's command, or train the run "
+                        f"again.") from None
     adapter = run_adapter_folder(run_dir)  # before loading data and model: a run without one fails fast
-    run = load_run_config(run_dir / "config.yaml")
+    saved = read_adapter_config(adapter)  # a clear AdapterFileError before data and model load
     tasks = load_run_tasks(run)
+    if saved.n_tasks is not None and saved.n_tasks != len(tasks):
+        raise AdapterFileError(f"{adapter} was trained on {saved.n_tasks} tasks but {run_dir}/config.yaml names "
+                               f"{len(tasks)} ({[t.name for t in tasks]}); config.yaml does not describe this "
+                               f"adapter. Restore the run's config.yaml.")
     kind = model_kind(run.model.name, run.model.kind)
     base, tokenizer = build_base(run.model.name, kind, tasks, seed=run.train.seed)
     model = MultiTaskModel.from_pretrained(base, adapter)
@@ -194,6 +261,7 @@ def eval_run(run_dir, split: str = "test", log=print) -> dict:
     if split not in ("train", "validation", "test"):  # also names the file written below
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}.")
     model, tokenizer, kind, tasks, run = load_run(run_dir)
+    check_splits_not_empty(tasks, split, f"`mtpeft eval --split {split}`")
     scores = evaluate_run_model(model, tokenizer, kind, tasks, run, Path(run_dir), split)
     print_results(scores, log)
     write_json(Path(run_dir) / f"eval_{split}.json", scores)

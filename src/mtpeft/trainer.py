@@ -19,6 +19,7 @@ complete only after every rank has written its own files (its RNG state); every 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -96,6 +97,20 @@ def _flush_to_disk(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the disk is full); ``filename`` is its folder."""
+
+
+def _disk_nearly_full(folder: Path) -> bool:
+    """Less free space than one more checkpoint needs (the size of the newest complete one, 64 MiB at least)."""
+    previous = complete_checkpoints(folder.parent)
+    need = sum(f.stat().st_size for f in previous[-1].iterdir() if f.is_file()) if previous else 0
+    try:
+        return shutil.disk_usage(folder.parent).free < max(need, 64 * 2**20)
+    except OSError:
+        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -235,15 +250,23 @@ class MultiTaskTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         self._check_finite_parameters()
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:  # rewriting a folder (a fresh start over an old run): never COMPLETE mid-write
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate below, once this checkpoint is COMPLETE
         try:
             super()._save_checkpoint(model, trial)
+        except RuntimeError as err:  # torch.save reports a full disk as "unexpected pos ..."
+            if not _disk_nearly_full(folder):
+                raise
+            raise CheckpointWriteError(errno.ENOSPC, f"No space left on device while writing {folder.name} "
+                                       f"(it has no COMPLETE marker and is ignored on resume)",
+                                       str(folder)) from err
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        run_dir = folder.parent
         if self.args.should_save and folder.is_dir():
             _flush_to_disk(folder)
             atomic_write_bytes(folder / COMPLETE_MARKER, b"ok\n")

@@ -42,6 +42,7 @@ __all__ = [
     "task_from_dict",
     "load_task",
     "load_tasks",
+    "check_unique_names",
 ]
 
 KINDS = ("classification", "multiple_choice", "generation")
@@ -115,10 +116,17 @@ class TaskSpec:
         if self.metric not in _METRICS_FOR_KIND[self.kind]:
             raise TaskSpecError(f"Task {self.name!r}: metric {self.metric!r} does not fit kind {self.kind!r}; "
                                 f"use one of {_METRICS_FOR_KIND[self.kind]}.")
-        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
+        if self.max_examples is not None and (isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int)
+                                              or self.max_examples < 1):
             raise TaskSpecError(f"Task {self.name!r}: max_examples must be a positive integer or None, got {self.max_examples!r}.")
         if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not self.labels:  # a string would split into letters
+                raise TaskSpecError(f"Task {self.name!r}: labels must be a non-empty list of class names, got "
+                                    f"{self.labels!r}.")
             self.labels = [str(x) for x in self.labels]
+            if self.kind == "classification" and len(self.labels) < 2:
+                raise TaskSpecError(f"Task {self.name!r}: a classification task needs at least 2 labels, got "
+                                    f"{self.labels}.")
             if len(set(self.labels)) != len(self.labels):
                 raise TaskSpecError(f"Task {self.name!r}: labels contain duplicates: {self.labels}.")
         _parse_source(self.name, self.source)  # fail early on a malformed source
@@ -472,6 +480,9 @@ def load_task(
         examples = _normalise_rows(spec, rows, class_names) if rows else []
     if not examples:
         raise TaskDataError(f"Task {spec.name!r}: source {spec.source!r} gave no examples.")
+    if spec.kind == "classification" and len(spec.labels) < 2:  # every score would be 1.0
+        raise TaskDataError(f"Task {spec.name!r}: its data has only the label {spec.labels}; a classification "
+                            f"task needs at least 2 (give all class names in 'labels').")
 
     order = np.random.default_rng(seed).permutation(len(examples))
     if spec.max_examples is not None:
@@ -487,9 +498,23 @@ def load_task(
     )
 
 
+def check_unique_names(specs: Sequence[TaskSpec]) -> None:
+    """Refuse two tasks with one name: datasets, heads and metrics are keyed by it, so one task's data
+    would silently replace the other's."""
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            raise TaskSpecError(
+                f"Tasks {seen[spec.name]} and {i} are both named {spec.name!r}; every task needs its own name "
+                f"(one's data would replace the other's). Rename one with a task entry such as "
+                f"{{name: {spec.name}_2, source: {spec.source!r}}}.")
+        seen[spec.name] = i
+
+
 def load_tasks(specs: Sequence[TaskSpec | str], **kwargs: Any) -> list[TaskData]:
     """Load several tasks; the BIG-bench ones are pulled out of the tarball in a single pass first."""
     specs = [get_task(s) if isinstance(s, str) else s for s in specs]
+    check_unique_names(specs)
     bb = [_parse_source(s.name, s.source)[1] for s in specs if _parse_source(s.name, s.source)[0] == "bigbench"]
     if bb:
         from mtpeft.data.bigbench import prefetch_bigbench_tasks
