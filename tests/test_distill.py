@@ -247,3 +247,69 @@ def test_a_non_empty_folder_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         model.distill_lora(tmp_path / "out", batches(1, seed=0))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------- a run folder
+
+
+@pytest.fixture(scope="module")
+def teamlora_run(tmp_path_factory):
+    """A TeamLoRA run on MiniLM, a few steps (the real model and tasks, as `mtpeft train` writes it)."""
+    from mtpeft.pipeline import train_run
+    from mtpeft.run_config import run_config_from_dict
+
+    out = tmp_path_factory.mktemp("runs") / "teamlora"
+    run = run_config_from_dict({
+        "method": "teamlora", "adapter": {"n_experts": 2, "r": 2}, "output_dir": str(out),
+        "model": {"name": "minilm", "max_length": 32},
+        "data": {"tasks": ["bbc_news", "intent_recognition"], "max_eval_examples": 12},
+        "train": {"steps": 4, "batch_size": 8, "lr": 3e-3, "logging_steps": 2, "save_steps": 4,
+                  "warmup_ratio": 0.0, "eval_batch_size": 16},
+    })
+    return train_run(run, evaluate=False, log=lambda *a: None)
+
+
+def test_distill_run_writes_a_folder_with_fidelity_and_test_scores(teamlora_run, tmp_path):
+    from mtpeft.distill_run import distill_run
+
+    lines = []
+    out = distill_run(teamlora_run, tmp_path / "lora", task="intent_recognition", calibration=24, log=lines.append)
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["task"] == "intent_recognition" and report["error_on"] == "held_out"
+    assert report["calibration_examples"] == 24 and 0 < report["held_out_examples"] <= 24
+    assert all(math.isfinite(v["error"]) for v in report["layers"].values())
+    for side in ("mixture", "distilled_lora"):
+        scored = report["test"][side]["intent_recognition"]
+        assert scored["n"] == 12 and 0 <= scored["score"] <= 1
+    assert len(lines) == 1 and "distilled teamlora" in lines[0] and "mixture intent_recognition" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "fidelity.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(task="sports"), ValueError, r"no task 'sports'; its tasks are \['bbc_news', 'intent_recognition'\]"),
+    (dict(task="bbc_news", rank=0), ValueError, "rank=0 is out of range"),
+    (dict(task="bbc_news", rank=385), ValueError, "rank=385 is out of range: use 1 <= rank <= 384"),
+    (dict(task="bbc_news", calibration=0), ValueError, "--calibration 0 must be a positive"),
+    (dict(), ValueError, "name the task"),
+])
+def test_distill_run_bad_input_writes_nothing(teamlora_run, tmp_path, kwargs, error, message):
+    from mtpeft.distill_run import distill_run
+
+    with pytest.raises(error, match=message):
+        distill_run(teamlora_run, tmp_path / "lora", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_run_refuses_a_run_without_an_adapter(teamlora_run, tmp_path):
+    import shutil
+
+    from mtpeft.distill_run import distill_run
+
+    bare = tmp_path / "run"
+    bare.mkdir()
+    shutil.copy(teamlora_run / "config.yaml", bare / "config.yaml")
+    with pytest.raises(FileNotFoundError, match="neither adapter/ nor a complete checkpoint"):
+        distill_run(bare, tmp_path / "lora", task="bbc_news")
+    assert not (tmp_path / "lora").exists()

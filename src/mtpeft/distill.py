@@ -271,7 +271,7 @@ def distill_lora(model, path, batches: Iterable[dict], *, task: int | None = Non
                              collect_statistics(model, held_out, task) if held_out is not None else None,
                              mode=mode, task=task, ridge=ridge)
     report.update(metadata or {})
-    write_distilled_folder(model, out, factors, report)
+    write_distilled_folder(model, out, factors, report, task=task)
     log(fidelity_line(report))
     return Distillation(out, factors, report)
 
@@ -315,19 +315,20 @@ def _refuse_non_empty(path: Path) -> None:
         raise FileExistsError(f"{path} exists and is not empty; pass a new folder (or remove it first).")
 
 
-def write_distilled_folder(model, path: Path, factors, report: dict) -> Path:
+def write_distilled_folder(model, path: Path, factors, report: dict, task: int | None = None) -> Path:
     extra = {"fidelity.json": (json.dumps(report, indent=2) + "\n").encode()}
-    return write_lora_folder(model, path, factors, extra_files=extra)
+    return write_lora_folder(model, path, factors, extra_files=extra, task=task)
 
 
-def write_lora_folder(model, path, factors, *, extra_files: dict[str, bytes] | None = None) -> Path:
+def write_lora_folder(model, path, factors, *, extra_files: dict[str, bytes] | None = None,
+                      task: int | None = None) -> Path:
     """Write ``factors`` as a PEFT LoRA folder: through ``export.write_peft_lora`` once it exists.
 
     FALLBACK (delete when export.write_peft_lora lands): the layout export.export_peft_lora writes."""
     from . import export
 
     if hasattr(export, "write_peft_lora"):
-        return export.write_peft_lora(model, path, factors, extra_files=extra_files)
+        return export.write_peft_lora(model, path, factors, extra_files=extra_files, task=task)
     return _fallback_write(model, Path(path), factors, extra_files or {})
 
 
