@@ -282,6 +282,10 @@ def test_distill_run_writes_a_folder_with_fidelity_and_test_scores(teamlora_run,
         scored = report["test"][side]["intent_recognition"]
         assert scored["n"] == 12 and 0 <= scored["score"] <= 1
     assert len(lines) == 1 and "distilled teamlora" in lines[0] and "mixture intent_recognition" in lines[0]
+    from mtpeft.pipeline import eval_run  # the mixture's score is the run's own evaluation
+    own = eval_run(teamlora_run, log=lambda *a: None)["tasks"]["intent_recognition"]
+    assert report["test"]["mixture"]["intent_recognition"] == own
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                      "fidelity.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -313,3 +317,15 @@ def test_distill_run_refuses_a_run_without_an_adapter(teamlora_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither adapter/ nor a complete checkpoint"):
         distill_run(bare, tmp_path / "lora", task="bbc_news")
     assert not (tmp_path / "lora").exists()
+
+
+def test_factors_are_balanced_whatever_the_calibration_size(tmp_path):
+    """B A is the data-norm truncation; its factors do not grow with the number of calibration rows."""
+    model = wrap(TOKEN_ROUTED["teamlora"]())
+    small = model.distill_lora(tmp_path / "small", batches(4, seed=0), ridge=1e-3)
+    large = model.distill_lora(tmp_path / "large", batches(4, seed=0) * 25, ridge=1e-3)  # same rows, 25x
+    for name, (a, b) in large.factors.items():
+        torch.testing.assert_close(a.norm(dim=1), b.norm(dim=0), rtol=1e-4, atol=1e-6)
+        sa, sb = small.factors[name]
+        torch.testing.assert_close(b @ a, sb @ sa, rtol=1e-3, atol=1e-4)  # G, H scale together: same fit
+        assert float(b.abs().max()) < 1e3

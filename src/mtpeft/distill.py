@@ -14,6 +14,8 @@ plus ‖(W − ΔW) L‖²_F, so the best rank-R W comes from the SVD ΔW L = U 
 
     B = U_R S_R  (d_out, R),     A = V_Rᵀ L⁻¹  (R, d_in)      (a triangular solve, no inverse)
 
+and each rank-1 term is then balanced (‖B_{:,i}‖ = ‖A_{i,:}‖, same product; see data_norm_truncate).
+
 Baseline "routing folded": ΔW = Σ_e ḡ_e B_e A_e with ḡ_e the mean eval gate of expert e over the same
 rows (exact only if routing were constant over them), then the same truncation.
 
@@ -158,12 +160,20 @@ def _cholesky(gram: torch.Tensor, lam: float) -> torch.Tensor:
 def data_norm_truncate(delta: torch.Tensor, gram: torch.Tensor, lam: float,
                        rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (R, d_in), B (d_out, R)) minimising ‖(B A − ΔW) L‖_F with L Lᵀ = G + λI: SVD of ΔW L = U S Vᵀ,
-    B = U_R S_R, A = V_Rᵀ L⁻¹ (solved as Lᵀ Aᵀ = V_R)."""
+    B = U_R S_R, A = V_Rᵀ L⁻¹ (solved as Lᵀ Aᵀ = V_R), then each rank-1 term rescaled so that column i of B
+    and row i of A have equal norms (B A unchanged).
+
+    Why the rescaling: L grows as √(rows), so U S grows and V L⁻¹ shrinks with the calibration size; on
+    a tiny model with 300 rows |B| reached 2.5e5 (beyond fp16's 65504) with |A| ~ 10. Balanced factors do
+    not depend on the number of rows and keep merged and unmerged serving equal in low precision."""
     chol = _cholesky(gram, lam)  # L, lower
     u, s, vh = torch.linalg.svd(delta @ chol, full_matrices=False)
     b = u[:, :rank] * s[:rank]  # (d_out, R)
     a = torch.linalg.solve_triangular(chol.T, vh[:rank].T, upper=True).T  # (R, d_in)
-    return a, b
+    norm_a, norm_b = a.norm(dim=1), b.norm(dim=0)  # (R,) each
+    factor = torch.where((norm_a > 0) & (norm_b > 0), (norm_a / norm_b.clamp_min(1e-300)).sqrt(),
+                         torch.ones_like(norm_a))
+    return a / factor[:, None], b * factor
 
 
 def output_error(a: torch.Tensor, b: torch.Tensor, stats: LayerStatistics) -> float | None:

@@ -115,6 +115,9 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the folder is meant to be shared
     try:
         write_distilled_folder(model, staging, factors, report, task=task_id)
         mixture = _evaluate(model, tokenizer, kind, tasks, run)
