@@ -274,7 +274,7 @@ def distill_lora(model, path, batches: Iterable[dict], *, task: int | None = Non
     """
     _check_arguments(model, mode, rank, ridge)
     out = Path(path)
-    _refuse_non_empty(out)
+    refuse_non_empty_folder(out)
     calibration = collect_statistics(model, batches, task)
     factors, details = fit_factors(model, calibration, task=task, rank=rank, ridge=ridge, mode=mode)
     report = fidelity_report(model, factors, details, calibration,
@@ -320,7 +320,7 @@ def fidelity_line(report: dict) -> str:
 # ---------------------------------------------------------------------------------------- the folder
 
 
-def _refuse_non_empty(path: Path) -> None:
+def refuse_non_empty_folder(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not empty; pass a new folder (or remove it first).")
 

@@ -15,10 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .distill import (DEFAULT_RIDGE, _refuse_non_empty, check_rank, collect_statistics, fidelity_line,
+from .distill import (DEFAULT_RIDGE, refuse_non_empty_folder, check_rank, collect_statistics, fidelity_line,
                       fidelity_report, fit_factors, write_distilled_folder)
 from .io import atomic_write_bytes
 
@@ -90,7 +89,7 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
     if calibration is not None and (isinstance(calibration, bool) or not isinstance(calibration, int)
                                     or calibration <= 0):
         raise ValueError(f"--calibration {calibration!r} must be a positive number of examples per task.")
-    _refuse_non_empty(out)
+    refuse_non_empty_folder(out)
     model, tokenizer, kind, tasks, run = load_run(run_dir)
     names = [t.name for t in tasks]
     if task is not None and task not in names:
