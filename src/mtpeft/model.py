@@ -469,6 +469,16 @@ class MultiTaskModel(nn.Module):
             self._check_task_argument(task)
         return export_peft_lora(self, path, task, labels=labels)
 
+    def distill_lora(self, path, batches, *, task: int | None = None, rank: int | None = None,
+                     ridge: float | None = None, held_out=None, mode: str = "least_squares", metadata=None):
+        """Fit a plain PEFT LoRA folder that reproduces the adapter on ``batches`` (token-routed methods;
+        see :func:`mtpeft.distill.distill_lora` and METHODS.md §10). Returns a ``Distillation``."""
+        from .distill import DEFAULT_RIDGE, distill_lora
+
+        return distill_lora(self, path, batches, task=task, rank=rank,
+                            ridge=DEFAULT_RIDGE if ridge is None else ridge, held_out=held_out, mode=mode,
+                            metadata=metadata)
+
     def unload(self) -> nn.Module:
         """Put the original layers back and return the bare base model (adapters dropped; a merged
         adapter is unmerged first, restoring the base weights exactly). The wrapper is then spent:

@@ -100,6 +100,15 @@ class HydraLoraLayer(TokenRoutedLayer):
         # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
         return gated, self.lora_B.view(e * r, -1)
 
+    # ------------------------------------------------------------------ export (distillation)
+    def expert_gates(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Eval-mode weight of each head per token (N, E): the dense softmax g."""
+        return router_probs(x2d, self.router)
+
+    def expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per head (A (r, d_in) shared, B_e (d_out, r) with s folded in): Δy = Σ_e g_e(x) B_e A x at eval."""
+        return [(self.lora_A, self.scaling * self.lora_B[e].T) for e in range(self.n_experts)]
+
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over heads (the definition), for tests. Draws the same dropout mask first."""

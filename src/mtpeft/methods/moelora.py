@@ -295,6 +295,15 @@ class MoELoraLayer(TokenRoutedLayer):
         return contrastive_loss_from_blocks(blocks, self.lora_B.view(e * r, -1), expert, ok,
                                             cfg.contrastive_temperature, e)
 
+    # ------------------------------------------------------------------ export (distillation)
+    def expert_gates(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Eval-mode weight of each expert per token (N, E): top-k renormalised gates, 0 off the top-k."""
+        return top_k_gates(router_probs(x2d, self.router), self.top_k)[0]
+
+    def expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert (A_e (r_e, d_in), B_e (d_out, r_e) with s folded in): Δy = Σ_e g_e(x) B_e A_e x at eval."""
+        return [(self.lora_A[e], self.scaling * self.lora_B[e].T) for e in range(self.n_experts)]
+
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over experts (the definition), for tests. Draws the same dropout mask first."""

@@ -146,6 +146,15 @@ class MoSLDLayer(TokenRoutedLayer):
         # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
         return gated, self.lora_B.view(e * r, -1)
 
+    # ------------------------------------------------------------------ export (distillation)
+    def expert_gates(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Eval-mode weight of each expert per token (N, E): top-k renormalised gates, 0 off the top-k."""
+        return top_k_gates(router_probs(x2d, self.router), self.top_k)[0]
+
+    def expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert (A (r, d_in) shared, no DropConnect at eval; B_e (d_out, r) with s folded in)."""
+        return [(self.lora_A, self.scaling * self.lora_B[e].T) for e in range(self.n_experts)]
+
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over experts (the definition), for tests. Draws the same DropConnect mask first."""

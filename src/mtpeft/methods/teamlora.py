@@ -148,6 +148,17 @@ class TeamLoraLayer(TokenRoutedLayer):
         # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
         return gated, self.lora_B.view(e * r, -1)
 
+    # ------------------------------------------------------------------ export (distillation)
+    def expert_gates(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Eval-mode weight of each expert per token (N, E): w = E·ψ (interaction included)."""
+        return self.gate_weights(x2d)[1]
+
+    def expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert (A_e (r_B, d_in) = block e of the shared A, B_e (d_out, r_B) with s folded in):
+        Δy = Σ_e w_e(x) B_e A_e x at eval."""
+        r = self.r
+        return [(self.lora_A[e * r:(e + 1) * r], self.scaling * self.lora_B[e].T) for e in range(self.n_experts)]
+
     # ------------------------------------------------------------------ reference
     def reference_forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         """Plain loop over experts (the definition), for tests. Draws the same dropout mask first."""

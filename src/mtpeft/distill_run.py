@@ -1,0 +1,138 @@
+"""Distil a trained run folder into a plain PEFT LoRA folder with its fidelity (``mtpeft export --task``).
+
+Calibration rows come from the task's training split (the first ``calibration`` examples; every task's with
+``all_tasks``), the reported output error from its validation split, and fidelity.json also holds the test
+metric of the mixture (the mtpeft model) and of the exported LoRA loaded with stock ``peft.PeftModel``.
+The folder is built next to ``out`` and renamed into place, so a crash leaves no half folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .distill import (DEFAULT_RIDGE, refuse_non_empty_folder, check_rank, collect_statistics, fidelity_line,
+                      fidelity_report, fit_factors, write_distilled_folder)
+from .io import atomic_write_bytes
+
+
+def _batches(collate, rows: list[dict], size: int):
+    for i in range(0, len(rows), size):
+        batch = collate(rows[i:i + size])
+        batch.pop("labels", None)  # the adapter's output is all the fit needs; no loss
+        yield batch
+
+
+def _rows(tasks, indices, split: str, limit: int | None) -> list[dict]:
+    rows = []
+    for i in indices:
+        part = tasks[i].splits[split]
+        rows += [{**r, "task_id": i} for r in (part[:limit] if limit else part)]
+    return rows
+
+
+class _StockForEvaluation(nn.Module):
+    """A stock PEFT model seen through mtpeft's evaluators, which pass ``task_ids``: only a base that
+    declares it (the encoder classifier, for its per-task heads) receives them."""
+
+    def __init__(self, model: nn.Module, takes_task_ids: bool):
+        super().__init__()
+        self.model, self.takes_task_ids = model, takes_task_ids
+
+    def _kwargs(self, kwargs: dict) -> dict:
+        if not self.takes_task_ids:
+            kwargs.pop("task_ids", None)
+        return kwargs
+
+    def forward(self, **kwargs):
+        return self.model(**self._kwargs(kwargs))
+
+    def generate(self, **kwargs):
+        return self.model.generate(**self._kwargs(kwargs))
+
+
+def _evaluate(model, tokenizer, kind, tasks, run) -> dict:
+    from .evaluate import evaluate_causal, evaluate_encoder
+
+    kwargs = dict(split="test", limit=run.data.max_eval_examples, max_length=run.model.max_length)
+    if kind == "encoder":
+        return evaluate_encoder(model, tokenizer, tasks, batch_size=run.train.eval_batch_size, **kwargs)
+    return evaluate_causal(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4), **kwargs)
+
+
+def _stock_peft_model(model, folder: Path) -> nn.Module:
+    """The exported folder loaded with stock PEFT on the run's bare base model (trained heads included).
+
+    TODO(lead): once export.write_peft_lora lands, load as its docs say (e.g. AutoPeftModelFor...)."""
+    from peft import PeftModel
+
+    bare = copy.deepcopy(model).unload()  # the original layers back; the run's model is untouched
+    takes = model._base_takes_task_ids
+    return _StockForEvaluation(PeftModel.from_pretrained(bare, str(folder)).eval(), takes).eval()
+
+
+def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, rank: int | None = None,
+                calibration: int | None = None, *, mode: str = "least_squares", ridge: float = DEFAULT_RIDGE,
+                log=print) -> Path:
+    """Distil ``run_dir``'s adapter for ``task`` (or every task pooled) into the PEFT LoRA folder ``out``."""
+    from .pipeline import load_run, make_collator
+
+    out = Path(out)
+    if (task is None) == (not all_tasks):
+        raise ValueError("name the task to distil (--task NAME) or pass --all-tasks for one LoRA of the mixture.")
+    if calibration is not None and (isinstance(calibration, bool) or not isinstance(calibration, int)
+                                    or calibration <= 0):
+        raise ValueError(f"--calibration {calibration!r} must be a positive number of examples per task.")
+    refuse_non_empty_folder(out)
+    model, tokenizer, kind, tasks, run = load_run(run_dir)
+    names = [t.name for t in tasks]
+    if task is not None and task not in names:
+        raise ValueError(f"the run has no task {task!r}; its tasks are {names}.")
+    check_rank(rank, model.adapted_layers())
+    indices = list(range(len(tasks))) if all_tasks else [names.index(task)]
+    calib_rows = _rows(tasks, indices, "train", calibration)
+    if not calib_rows:
+        raise ValueError(f"no calibration examples: the training split of {[names[i] for i in indices]} is "
+                         f"empty; distil a task that has training examples.")
+    held_rows = _rows(tasks, indices, "validation", calibration)
+    collate = make_collator(kind, tokenizer, run, tasks)
+    size = run.train.eval_batch_size
+    task_id = None if all_tasks else indices[0]
+
+    calib = collect_statistics(model, _batches(collate, calib_rows, size), task_id)
+    factors, details = fit_factors(model, calib, task=task_id, rank=rank, ridge=ridge, mode=mode)
+    held = collect_statistics(model, _batches(collate, held_rows, size), task_id) if held_rows else None
+    report = fidelity_report(model, factors, details, calib, held, mode=mode, task=task_id, ridge=ridge)
+    report.update(task="all" if all_tasks else task, run=str(run_dir), calibration_examples=len(calib_rows),
+                  held_out_examples=len(held_rows))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the folder is meant to be shared
+    try:
+        write_distilled_folder(model, staging, factors, report, task=task_id)
+        mixture = _evaluate(model, tokenizer, kind, tasks, run)
+        distilled = _evaluate(_stock_peft_model(model, staging), tokenizer, kind, tasks, run)
+        scored = names if all_tasks else [task]
+        report["test"] = {"mixture": {n: mixture["tasks"][n] for n in scored},
+                          "distilled_lora": {n: distilled["tasks"][n] for n in scored}}
+        key = "average" if all_tasks else task
+        pick = (lambda r: r["average"]) if all_tasks else (lambda r: r["tasks"][task]["score"])
+        report["scores"] = {f"mixture {key}": pick(mixture), f"distilled {key}": pick(distilled)}
+        atomic_write_bytes(staging / "fidelity.json", (json.dumps(report, indent=2) + "\n").encode())
+        if out.exists():
+            out.rmdir()  # empty (checked above): rename cannot replace it portably
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(fidelity_line(report))
+    return out
