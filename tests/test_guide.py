@@ -16,3 +16,7 @@ def test_guide_examples_run(capsys):
     assert "task id 7 is out of range" in printed
     assert "teamlora_balance" in printed
     assert namespace["poly"].config.n_tasks == 4
+    csv_task = namespace["task"]  # the csv: source example
+    assert csv_task.spec.labels == ["business", "sport", "tech"]
+    assert (len(csv_task.train), len(csv_task.validation), len(csv_task.test)) == (24, 3, 3)
+    assert "['business', 'sport', 'tech'] 24 3 3" in printed

@@ -2,22 +2,49 @@
 
     model = mtpeft.get_model(base, mtpeft.TeamLoraConfig(...))
     out = model(input_ids=..., labels=..., task_ids=torch.tensor([0, 2, 1, 0]))
+
+The public names are imported on first use (PEP 562 ``__getattr__``): ``import mtpeft`` itself loads
+nothing heavy, so that ``mtpeft --help`` (whose entry point lives in this package) answers at once
+instead of after torch and transformers have loaded. ``mtpeft.get_model`` imports torch as usual.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .config import AdapterConfig, known_methods, register_method
-from .io import AdapterFileError
-from .methods import LoraConfig, TaskLoraConfig
-from .model import MultiTaskModel, get_model
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "AdapterConfig": "config", "known_methods": "config", "register_method": "config",
+    "AdapterFileError": "io",
+    "MultiTaskModel": "model", "get_model": "model",
+    "parameter_groups": "optim",
+    "task_expert_load": "core.routing",
+    **{name: "methods" for name in (
+        "LoraConfig", "TaskLoraConfig",  # baselines
+        "CPolyConfig", "MTLLoraConfig", "PolyConfig",  # task-routed methods
+        "HydraLoraConfig", "MoELoraConfig", "MoSLDConfig", "TeamLoraConfig",  # token-routed methods
+    )},
+}
 
-__all__ = [
-    "AdapterConfig", "AdapterFileError", "LoraConfig", "MultiTaskModel", "TaskLoraConfig",
-    "get_model", "known_methods", "register_method",
-]
-from .methods import CPolyConfig, MTLLoraConfig, PolyConfig  # noqa: E402  (task-routed methods)
-from .optim import parameter_groups  # noqa: E402
-__all__ += ["CPolyConfig", "MTLLoraConfig", "PolyConfig", "parameter_groups"]
-from .methods import HydraLoraConfig, MoELoraConfig, MoSLDConfig, TeamLoraConfig  # noqa: E402  (token-routed)
-from .core.routing import task_expert_load  # noqa: E402
-__all__ += ["HydraLoraConfig", "MoELoraConfig", "MoSLDConfig", "TeamLoraConfig", "task_expert_load"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
+    # `import mtpeft; mtpeft.data.X` worked when the package imported everything: keep it working.
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise  # the submodule exists but one of its own imports is missing: say that
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -25,10 +25,12 @@ __all__ = [
     "smollm2_path",
     "smollm2_gguf",
     "bigbench_tarball",
+    "bigbench_download_message",
     "bbc_news_dir",
 ]
 
 BIGBENCH_VERSION = "1.0.0"
+BIGBENCH_SDIST_MB = 358  # bigbench-1.0.0.tar.gz as PyPI serves it (pip's own line gives the exact size)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
@@ -81,13 +83,17 @@ def bigbench_tarball() -> str:
     if tarball.is_file():
         return str(tarball)
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+           f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)]
+    print(bigbench_download_message(folder), file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        # pip's own output (its "Downloading ... (358.0 MB)" line and progress bar) goes to the user's
+        # stdout as it comes; its stderr is kept for the error message.
+        proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise AssetMissingError(f"BIG-bench: running {' '.join(cmd)!r} failed: {err}") from err
     if proc.returncode != 0 or not tarball.is_file():
-        tail = (proc.stderr or proc.stdout or "").strip()[-800:]
+        tail = (proc.stderr or "").strip()[-800:]
         raise AssetMissingError(
             f"BIG-bench: could not download the bigbench {BIGBENCH_VERSION} sdist into {folder}.\n"
             f"Command: {' '.join(cmd)}\npip said: {tail}\n"
@@ -95,6 +101,16 @@ def bigbench_tarball() -> str:
             f"into {folder} (set MTPEFT_CACHE to use another cache folder)."
         )
     return str(tarball)
+
+
+def bigbench_download_message(folder: Path) -> str:
+    """What the first BIG-bench run says before it downloads the sdist: what, how large, where to, and
+    how to use a copy instead."""
+    name = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+    return (f"mtpeft: downloading the BIG-bench {BIGBENCH_VERSION} source archive {name} (about {BIGBENCH_SDIST_MB} MB, "
+            f"once; its task files are read from it, nothing is installed) with pip into {folder}\n"
+            f"mtpeft: to use a copy instead, put {name} into {folder}, or set MTPEFT_CACHE=/a/folder "
+            f"and put it into /a/folder/bigbench/")
 
 
 def smollm2_gguf() -> str:

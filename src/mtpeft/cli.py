@@ -139,18 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-eval", action="store_true", help="skip the final evaluation and report")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run folder's adapter per task")
-    ev.add_argument("run_dir")
-    ev.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    run_dir_help = "a run folder written by `mtpeft train` (it holds config.yaml and adapter/)"
+    ev = sub.add_parser("eval", help="evaluate a run folder's adapter per task",
+                        description="Load RUN_DIR's base model and final adapter, score every task on one split "
+                                    "(the metric each task's config names), print the table and write "
+                                    "RUN_DIR/eval_SPLIT.json.")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help=run_dir_help)
+    ev.add_argument("--split", default="test", choices=["test", "validation", "train"],
+                    help="which split to score (default: test)")
     ev.set_defaults(func=cmd_eval)
 
-    rep = sub.add_parser("report", help="write report.md and plots for one or more run folders")
-    rep.add_argument("run_dirs", nargs="+")
-    rep.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    rep = sub.add_parser("report", help="write report.md and plots for one or more run folders",
+                         description="Write report.md with per-task score and training-loss plots (PNG) and, "
+                                     "for routed methods, how each task uses the experts / skills. Several "
+                                     "RUN_DIRs are compared side by side. Nothing is trained or evaluated: the "
+                                     "runs' metrics.json, log_history.json and routing.json are read.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=run_dir_help + "; several to compare them")
+    rep.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR/report)")
     rep.set_defaults(func=cmd_report)
 
-    exp = sub.add_parser("export", help="export a run's adapter (for one task) as a plain PEFT LoRA")
-    exp.add_argument("run_dir")
+    exp = sub.add_parser("export", help="export a run's adapter (for one task) as a plain PEFT LoRA",
+                         description="Write RUN_DIR's adapter as a plain PEFT LoRA (adapter_config.json + "
+                                     "adapter_model.safetensors) that peft.PeftModel.from_pretrained, vLLM or "
+                                     "LoRAX load. Task-routed methods export one task at a time (--task).")
+    exp.add_argument("run_dir", metavar="RUN_DIR", help=run_dir_help)
     exp.add_argument("--task", default=None, help="task name or index (task-routed methods)")
     exp.add_argument("--out", required=True, help="folder to write adapter_config.json + safetensors to")
     exp.set_defaults(func=cmd_export)

@@ -191,11 +191,20 @@ def register_method(config_cls: type[AdapterConfig], layer_cls: type) -> None:
     layer_cls.config_class = config_cls
 
 
+def _register_builtin_methods() -> None:
+    # The built-in methods register themselves when mtpeft.methods is imported; `import mtpeft` no
+    # longer does that eagerly (it stays light for `mtpeft --help`), so look-ups import it first.
+    from . import methods  # noqa: F401
+
+
 def known_methods() -> list[str]:
+    _register_builtin_methods()
     return sorted(_METHODS)
 
 
 def _lookup(method: str) -> tuple[type[AdapterConfig], type]:
+    if method not in _METHODS:
+        _register_builtin_methods()
     if method not in _METHODS:
         near = difflib.get_close_matches(str(method), list(_METHODS), n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""

@@ -34,7 +34,7 @@ from torch import nn
 
 __all__ = [
     "world_size", "rank", "local_rank", "is_main_process", "is_distributed", "default_backend",
-    "init_distributed", "barrier", "main_process_first", "per_device_batch_size", "unwrap_model",
+    "init_distributed", "destroy_distributed", "barrier", "main_process_first", "per_device_batch_size", "unwrap_model",
     "rank_batch_sampler", "shard_model", "materialize_sharded", "full_adapter_state_dict",
     "save_adapter", "load_adapter_weights",
 ]
@@ -88,6 +88,64 @@ def init_distributed(backend: str | None = None) -> bool:
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend=backend)
     return True
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty DTensor's process-wide caches. Each keeps ``DeviceMesh`` objects (keys or values), and a
+    DeviceMesh keeps its process groups (``DeviceMesh._pg_registry``): with them filled, a gloo group
+    outlives ``destroy_process_group()`` and its worker threads run on into interpreter shutdown.
+    Private torch names, looked up one by one: one that a torch version lacks is simply not there."""
+    import importlib
+
+    caches = [
+        ("torch._C", "_clear_DTensor_sharding_propagator_cache", None),
+        ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache", None),
+        ("torch.distributed.tensor._redistribute", "_gen_transform_infos", "cache_clear"),
+        ("torch.distributed.tensor._collective_utils", "MeshTopoInfo", "build_from_mesh.cache_clear"),
+    ]
+    for module, name, method in caches:
+        try:
+            target = getattr(importlib.import_module(module), name)
+            for attr in (method.split(".") if method else []):
+                target = getattr(target, attr)
+        except (ImportError, AttributeError):
+            continue
+        target()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    for name in ("propagate_op_sharding", "_propagate_tensor_meta_cached"):
+        clear = getattr(getattr(propagator, name, None), "cache_clear", None)
+        if clear is not None:
+            clear()  # propagate_op_sharding's cache is per thread: this is the calling thread's
+
+
+def destroy_distributed() -> None:
+    """Leave the process group at the end of a job so that its threads are stopped before Python exits.
+
+    ``dist.destroy_process_group()`` alone unregisters the groups, but a gloo group's object, and its
+    worker threads (``pt_gloo_runloop``) and socket loop (``gloo_tcp_loop``), live on while anything
+    references it: a DDP or FSDP2 model, a DTensor, or DTensor's own caches of device meshes. They then
+    die during interpreter shutdown, and a gloo thread that drops the last reference to a tensor there
+    needs the GIL, which a finalising interpreter no longer gives: the thread is unwound
+    (``terminate called without an active exception``, SIGABRT), depending on thread timing, so mostly
+    under load. Drop your models first (let them go out of scope); this then waits for every rank
+    (no rank leaves while a peer still talks to it), empties the DTensor caches, collects the
+    reference cycles of the dropped models and destroys the groups, which joins their threads once
+    nothing else holds them (tests/dist_worker.py checks that for FSDP2; DDP's C++ reducer may keep
+    a group alive longer). No-op when no process group exists.
+    """
+    import gc
+
+    if not _initialized():
+        return
+    barrier()
+    _clear_dtensor_caches()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier() -> None:

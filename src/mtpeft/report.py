@@ -45,22 +45,36 @@ def _slug(text: str) -> str:
 
 def plot_bar_groups(columns: list[str], bars: dict[str, tuple[list[float], list[float] | None]], path: Path,
                     ylabel: str, title: str | None = None) -> None:
+    """Write :func:`bar_groups_figure` to ``path``."""
+    fig = bar_groups_figure(columns, bars, ylabel, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bar_groups_figure(columns: list[str], bars: dict[str, tuple[list[float], list[float] | None]], ylabel: str,
+                      title: str | None = None):
     """One group of bars per column, one bar per label (``bars``: label -> (heights, error bars or None));
-    NaN heights leave a gap. Scores live in [0, 1]."""
+    NaN heights leave a gap. Scores live in [0, 1]; each bar is labelled with its value. The legend
+    sits below the axes, where no bar can be, in as many columns as fit."""
     width = 0.85 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(columns)), 4.2))
+    many = len(bars) > 4  # then the values stand upright, so that neighbours' values do not collide
+    fig, ax = plt.subplots(figsize=(max(7.0, len(columns) * max(1.6, 0.3 * len(bars))),
+                                    4.2 + 0.25 * ((len(bars) + 2) // 3)), layout="constrained")
+    # tab10 repeats its colours from the 11th bar on; tab20 gives up to 20 distinct ones
+    colors = plt.get_cmap("tab10" if len(bars) <= 10 else "tab20").colors
     for i, (label, (heights, errors)) in enumerate(bars.items()):
-        ax.bar(np.arange(len(columns)) + i * width, heights, width, yerr=errors, capsize=1.5 if errors else 0,
-               label=label)
+        container = ax.bar(np.arange(len(columns)) + i * width, heights, width, yerr=errors,
+                           capsize=1.5 if errors else 0, label=label, color=colors[i % len(colors)])
+        ax.bar_label(container, labels=["" if np.isnan(h) else f"{h:.2f}" for h in heights],
+                     padding=2, fontsize=6 if many else 7, rotation=90 if many else 0)
     ax.set_xticks(np.arange(len(columns)) + width * (len(bars) - 1) / 2, columns, rotation=15, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15 if many else 1.08)  # room for the value above a bar at 1.0
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.legend(loc="outside lower center", fontsize=7, ncol=min(len(bars), 3), frameon=False)
+    return fig
 
 
 def plot_scores(runs: list[dict], path: Path) -> None:
@@ -86,19 +100,33 @@ def plot_losses(runs: list[dict], path: Path) -> None:
 
 
 def plot_routing(run: dict, path: Path) -> None:
+    """Write :func:`routing_figure` to ``path``."""
+    fig = routing_figure(run)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def routing_figure(run: dict):
+    """Task x expert (or skill) heatmap; the title is wrapped to the figure's width, which follows the
+    matrix size."""
+    import textwrap
+
     routing = run["routing"]
     matrix = np.array(routing["matrix"])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * matrix.shape[1], 1.2 + 0.5 * matrix.shape[0]))
+    fig_width = max(4.5, 1.8 + 0.7 * matrix.shape[1])
+    fig, ax = plt.subplots(figsize=(fig_width, 1.6 + 0.5 * matrix.shape[0]), layout="constrained")
     image = ax.imshow(matrix, cmap="viridis", aspect="auto")
     ax.set_xticks(range(matrix.shape[1]), routing["cols"], rotation=30, ha="right")
     ax.set_yticks(range(matrix.shape[0]), routing["rows"])
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w", fontsize=7)
-    ax.set_title(f"{run['label']}\n{routing['title']}", fontsize=8)
+    middle = (matrix.min() + matrix.max()) / 2
+    for (i, j), value in np.ndenumerate(matrix):  # dark text on viridis' bright (yellow) end
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="k" if value > middle else "w", fontsize=7)
+    # ~0.55 em per character at 8 pt: characters that fit on one line of the figure's width
+    chars = int(fig_width * 72 / (8 * 0.55))
+    title = "\n".join(textwrap.fill(line, chars) for line in (run["label"], routing["title"]))
+    fig.suptitle(title, fontsize=8)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def score_table(runs: list[dict]) -> str:

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from .pipeline import train_run, write_json
 from .run_config import apply_overrides, run_config_from_dict
+
+# .pipeline (torch, transformers, datasets) is imported where a run starts, so that
+# `mtpeft study --help` answers at once.
 
 _STUDY_KEYS = {"output_dir", "seeds", "base", "methods", "single_task", "name"}
 
@@ -82,6 +84,8 @@ def planned_runs(study: dict) -> list[dict]:
 def run_study(study: dict, log=print, train: bool = True) -> Path:
     """Train every planned run that has no metrics.json yet (``train=False``: none), then write the
     table of the finished ones."""
+    from .pipeline import train_run, write_json
+
     root = Path(study["output_dir"])
     root.mkdir(parents=True, exist_ok=True)
     runs = planned_runs(study)
@@ -177,7 +181,8 @@ def plot_results(table: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtpeft study", description=__doc__.splitlines()[0])
+    # the description is the docstring's first paragraph (its first line alone stops mid-sentence)
+    parser = argparse.ArgumentParser(prog="mtpeft study", description=" ".join(__doc__.split("\n\n")[0].replace("``", "").split()))
     parser.add_argument("config", help="study YAML (see configs/study-*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0]")
     parser.add_argument("--summary-only", action="store_true",

@@ -31,12 +31,28 @@ one file per section (``train``, ``layer``, ``infer``, ``memory``), ``report`` (
 ``cli`` (the command line).
 """
 
-from .cases import ANSWER_TOKENS, MODELS, Variant, batch_for, make_batch, train_variants
-from .cli import build_parser, main, run, summary
-from .memory import memory_child
-from .report import TARGETS, evaluate_targets, markdown_tables, tables, verdict
-from .timing import Timings, interleaved, median_ci
-from .train import only_groups, train_groups
+import importlib
+
+# public name -> the submodule that defines it; imported on first use (PEP 562), so that
+# `mtpeft bench --help` does not wait for torch and the models.
+_EXPORTS = {
+    **dict.fromkeys(("ANSWER_TOKENS", "MODELS", "Variant", "batch_for", "make_batch", "train_variants"), "cases"),
+    **dict.fromkeys(("build_parser", "main", "run", "summary"), "cli"),
+    "memory_child": "memory",
+    **dict.fromkeys(("TARGETS", "evaluate_targets", "markdown_tables", "tables", "verdict"), "report"),
+    **dict.fromkeys(("Timings", "interleaved", "median_ci"), "timing"),
+    **dict.fromkeys(("only_groups", "train_groups"), "train"),
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ANSWER_TOKENS", "MODELS", "TARGETS", "Timings", "Variant", "batch_for", "build_parser", "evaluate_targets",

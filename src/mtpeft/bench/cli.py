@@ -8,14 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cases import MODELS
 from .common import SECTIONS, log
-from .infer import bench_infer
-from .layer import bench_layer
-from .memory import bench_memory
 from .report import evaluate_targets, markdown_tables, print_tables
 from .timing import CLOCK, CLOCKS, load_average, machine_info, set_threads
-from .train import bench_train, fill_intervals
+
+# The sections (.cases, .layer, .train, .infer, .memory) import torch and the models: they are
+# imported where they run, so that `mtpeft bench --help` answers without loading torch.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
+    from .cases import MODELS
+    from .infer import bench_infer
+    from .layer import bench_layer
+    from .memory import bench_memory
+    from .train import bench_train
+
     unknown = [s for s in args.sections if s not in SECTIONS + ("all",)]
     if unknown:
         raise ValueError(f"unknown sub-benchmark {unknown[0]!r}; choose from {list(SECTIONS) + ['all']}.")
@@ -91,9 +95,11 @@ def summary(res: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import torch
 
-    args = build_parser().parse_args(argv)
+    from .train import fill_intervals
+
     if args.show:  # a saved run: the same printing, no measuring
         res = json.loads(Path(args.show).read_text())
         if fill_intervals(res):  # saved before intervals were reported: from its raw samples
