@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -285,8 +286,13 @@ def test_distill_run_writes_a_folder_with_fidelity_and_test_scores(teamlora_run,
     own = eval_run(teamlora_run, log=lambda *a: None)["tasks"]["intent_recognition"]
     assert report["test"]["mixture"]["intent_recognition"] == own
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+    # the task's trained head goes with the LoRA (stock AutoModel + PEFT + head, docs/guide.md)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "fidelity.json"]
+                                                     "fidelity.json", "head.safetensors", "head_config.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "FEATURE_EXTRACTION" and not any(
+        t.startswith("encoder.encoder.") for t in config["target_modules"])
+    assert json.loads((out / "head_config.json").read_text())["task"] == "intent_recognition"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
@@ -316,6 +322,57 @@ def test_distill_run_refuses_a_run_without_an_adapter(teamlora_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither adapter/ nor a complete checkpoint"):
         distill_run(bare, tmp_path / "lora", task="bbc_news")
     assert not (tmp_path / "lora").exists()
+
+
+def test_the_printed_export_command_distils_a_token_routed_run(teamlora_run, capsys):
+    """The export command `mtpeft train` prints works on a token-routed run (the README's main job is
+    TeamLoRA): the CLI distils; the folder, served with the guide's stock snippet (transformers + peft +
+    safetensors only), gives the logits that fidelity.json's "distilled_lora" scores were computed from."""
+    import shlex
+    import shutil
+
+    from test_export_stock import guide_snippet
+
+    from mtpeft.cli import main as cli_main
+    from mtpeft.distill_run import _stock_peft_model
+    from mtpeft.export import export_command
+    from mtpeft.pipeline import load_run
+    from mtpeft.run_config import load_run_config
+
+    argv = shlex.split(export_command(teamlora_run, load_run_config(teamlora_run / "config.yaml")))[1:]
+    out = Path(argv[argv.index("--out") + 1])
+    try:
+        assert cli_main([*argv, "--calibration", "16"]) == 0
+        printed = capsys.readouterr().out
+        assert "mtpeft: distilled teamlora" in printed and "wrote a distilled PEFT LoRA" in printed
+        assert json.loads((out / "fidelity.json").read_text())["task"] == "bbc_news"
+
+        texts = ["the striker scored twice in the final", "shares fell after the bank's results"]
+        namespace = {"export": str(out), "texts": texts}
+        exec(compile(guide_snippet("# serve an encoder export"), "guide:encoder", "exec"), namespace)  # noqa: S102
+        model, tokenizer, _, tasks, _ = load_run(teamlora_run)
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        n_labels = len(tasks[0].spec.labels)
+        with torch.no_grad():
+            want = _stock_peft_model(model, out)(**batch, task_ids=torch.zeros(2, dtype=torch.long)).logits
+            mixture = model(**batch, task_ids=torch.zeros(2, dtype=torch.long)).logits
+        assert namespace["logits"].shape == (2, n_labels)
+        assert (namespace["logits"] - want[:, :n_labels]).abs().max() < 1e-5
+        assert (namespace["logits"] - mixture[:, :n_labels]).abs().max() > 0  # a fit, not the mixture itself
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_all_tasks_on_an_encoder_run_is_refused_in_one_line(teamlora_run, tmp_path, capsys):
+    """An encoder run has one head per task, so a task-free mixture LoRA cannot be served: refused
+    before anything is written."""
+    from mtpeft.cli import main as cli_main
+
+    assert cli_main(["export", str(teamlora_run), "--all-tasks", "--out", str(tmp_path / "lora")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the load bars
+    assert len(err) == 1 and err[0].startswith("mtpeft export: error: --all-tasks")
+    assert "one classification head per task" in err[0] and "--task NAME" in err[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_factors_are_balanced_whatever_the_calibration_size(tmp_path):

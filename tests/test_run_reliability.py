@@ -190,17 +190,6 @@ def test_two_entries_of_one_builtin_task_are_refused(tiny, tmp_path):
             r"both named 'bbc_news'", out)
 
 
-@pytest.mark.parametrize("name", ["1", "0", "-1"])
-def test_a_task_name_that_reads_as_an_index_is_refused(tiny, tmp_path, name):
-    """`mtpeft export --task 1` takes a number as the task's index: a task named "1" at index 0 would
-    export task 1 instead."""
-    out = tmp_path / "run"
-    data = run_dict(tiny, out)
-    data["data"]["tasks"][0]["name"] = name
-    refused(lambda: train_run(run_config_from_dict(data), log=quiet), TaskSpecError,
-            rf"task name '{name}' reads as a task index.*e.g. 'task_{name}'", out, tiny[0])
-
-
 # ----------------------------------------------------------------------------------- reruns
 REFUSED_CHANGES = {
     "method": ({"method": "task_lora"}, r"method: 'lora' -> 'task_lora'"),

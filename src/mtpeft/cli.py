@@ -59,17 +59,15 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     """Exact methods: the run's LoRA for the task (mtpeft.export). Token-routed methods have no exact
-    LoRA: they go to the distilled export (mtpeft.distill)."""
-    import importlib.util
+    LoRA: they go to the distilled export (mtpeft.distill_run)."""
     import json
 
     from .export import ExportError, export_run, run_exports_exactly
 
-    rank, calibration = getattr(args, "rank", None), getattr(args, "calibration", None)
-    all_tasks = bool(getattr(args, "all_tasks", False))
+    rank, calibration, all_tasks = args.rank, args.calibration, args.all_tasks
     if run_exports_exactly(args.run_dir):
-        if rank is not None or calibration is not None or all_tasks:
-            raise SystemExit("mtpeft export: error: --rank, --calibration and --all-tasks are for distilled "
+        if rank is not None or calibration is not None or all_tasks or args.mode != "least_squares":
+            raise SystemExit("mtpeft export: error: --rank, --calibration, --all-tasks and --mode are for distilled "
                              "exports of token-routed methods; this run's method exports its LoRA exactly: "
                              "leave them out.")
         try:
@@ -78,13 +76,10 @@ def cmd_export(args) -> int:
             raise SystemExit(f"mtpeft export: error: {err}") from None
         how = "exact"
     else:
-        if importlib.util.find_spec("mtpeft.distill") is None:
-            raise ExportError("this run's method routes by token, so no fixed LoRA equals it; its distilled "
-                              "export (mtpeft.distill) is not in this version of mtpeft.")
-        from .distill import distill_run
+        from .distill_run import distill_run
 
         out = distill_run(args.run_dir, args.out, task=args.task, all_tasks=all_tasks, rank=rank,
-                          calibration=calibration)
+                          calibration=calibration, mode=args.mode)
         how = "distilled"
     config = json.loads((Path(out) / "adapter_config.json").read_text())
     loader = {"CAUSAL_LM": "peft.AutoPeftModelForCausalLM.from_pretrained",
@@ -161,10 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a run's adapter (for one task) as a plain PEFT LoRA",
                          description="Write RUN_DIR's adapter as a plain PEFT LoRA (adapter_config.json + "
                                      "adapter_model.safetensors) that peft.PeftModel.from_pretrained, vLLM or "
-                                     "LoRAX load. Task-routed methods export one task at a time (--task).")
+                                     "LoRAX load, on the stock base model. Task-routed methods export one task "
+                                     "at a time (--task), exactly. Token-routed methods (TeamLoRA, MoELoRA, "
+                                     "MoSLD, HydraLoRA) are distilled: per layer, the fixed rank-R update that "
+                                     "best reproduces the adapter's output on the task's training inputs, with "
+                                     "fidelity.json (output error on held-out inputs, test scores of both).")
     exp.add_argument("run_dir", metavar="RUN_DIR", help=run_dir_help)
-    exp.add_argument("--task", default=None, help="task name or index (task-routed methods)")
-    exp.add_argument("--out", required=True, help="folder to write adapter_config.json + safetensors to")
+    exp.add_argument("--task", default=None, help="the task's name (never an index: a task may be named '1')")
+    exp.add_argument("--out", required=True, help="folder to write adapter_config.json + safetensors to "
+                     "(new or empty)")
+    exp.add_argument("--rank", type=int, default=None, help="distilled export: rank R of every layer "
+                     "(default: the layer's total adapter rank)")
+    exp.add_argument("--calibration", type=int, default=None, help="distilled export: number of training "
+                     "examples per task to fit on (default: the whole training split)")
+    exp.add_argument("--all-tasks", action="store_true", help="distilled export: one LoRA for the whole "
+                     "mixture (causal and seq2seq LMs, for serving when the task is unknown)")
+    exp.add_argument("--mode", choices=["least_squares", "routing_folded"], default="least_squares",
+                     help="distilled export: least-squares fit (default) or the baseline that fixes each "
+                     "expert's mean gate weight for the task")
     exp.set_defaults(func=cmd_export)
 
     study = sub.add_parser("study", help="every method x seed on a task suite, one results table "

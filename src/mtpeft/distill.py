@@ -325,49 +325,9 @@ def refuse_non_empty_folder(path: Path) -> None:
         raise FileExistsError(f"{path} exists and is not empty; pass a new folder (or remove it first).")
 
 
-def write_distilled_folder(model, path: Path, factors, report: dict, task: int | None = None) -> Path:
+def write_distilled_folder(model, path: Path, factors, report: dict, task: int | None = None,
+                           labels: list[str] | None = None) -> Path:
     extra = {"fidelity.json": (json.dumps(report, indent=2) + "\n").encode()}
-    return write_lora_folder(model, path, factors, extra_files=extra, task=task)
+    from .export import write_peft_lora
 
-
-def write_lora_folder(model, path, factors, *, extra_files: dict[str, bytes] | None = None,
-                      task: int | None = None) -> Path:
-    """Write ``factors`` as a PEFT LoRA folder: through ``export.write_peft_lora`` once it exists.
-
-    FALLBACK (delete when export.write_peft_lora lands): the layout export.export_peft_lora writes."""
-    from . import export
-
-    if hasattr(export, "write_peft_lora"):
-        return export.write_peft_lora(model, path, factors, extra_files=extra_files, task=task)
-    return _fallback_write(model, Path(path), factors, extra_files or {})
-
-
-def _fallback_write(model, path: Path, factors, extra_files: dict[str, bytes]) -> Path:
-    from collections import Counter
-
-    from .io import atomic_save_safetensors, atomic_write_bytes
-
-    tensors, ranks, fan_in_fan_out = {}, {}, set()
-    layers = dict(model.adapted_layers())
-    for name, (a, b) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu()
-        ranks[name] = a.shape[0]
-        fan_in_fan_out.add(layers[name].fan_in_fan_out)
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {name: r for name, r in ranks.items() if r != rank}
-    base_name = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
-        "r": rank, "lora_alpha": rank,  # scale 1: B carries the whole update
-        "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out == {True}, "target_modules": sorted(ranks),
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "modules_to_save": None,
-        "init_lora_weights": True, "inference_mode": True,
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    atomic_write_bytes(path / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
-    for name, data in extra_files.items():
-        atomic_write_bytes(path / name, data)
-    return path
+    return write_peft_lora(model, path, factors, extra_files=extra, task=task, labels=labels)

@@ -58,23 +58,31 @@ class _StockForEvaluation(nn.Module):
 
 
 def _evaluate(model, tokenizer, kind, tasks, run) -> dict:
-    from .evaluate import evaluate_causal, evaluate_encoder
+    from .evaluate import evaluate_causal, evaluate_encoder, evaluate_seq2seq
 
     kwargs = dict(split="test", limit=run.data.max_eval_examples, max_length=run.model.max_length)
     if kind == "encoder":
         return evaluate_encoder(model, tokenizer, tasks, batch_size=run.train.eval_batch_size, **kwargs)
-    return evaluate_causal(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4), **kwargs)
+    evaluate = evaluate_seq2seq if kind == "seq2seq" else evaluate_causal
+    return evaluate(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4), **kwargs)
 
 
 def _stock_peft_model(model, folder: Path) -> nn.Module:
-    """The exported folder loaded with stock PEFT on the run's bare base model (trained heads included).
-
-    TODO(lead): once export.write_peft_lora lands, load as its docs say (e.g. AutoPeftModelFor...)."""
+    """The exported folder loaded with stock ``peft.PeftModel`` onto the stock model inside a copy of the
+    run's bare base (target names in the folder are paths inside that stock model). An encoder run keeps
+    its trained heads around the PEFT-wrapped encoder: they are the tensors head.safetensors holds."""
     from peft import PeftModel
 
-    bare = copy.deepcopy(model).unload()  # the original layers back; the run's model is untouched
-    takes = model._base_takes_task_ids
-    return _StockForEvaluation(PeftModel.from_pretrained(bare, str(folder)).eval(), takes).eval()
+    from .export import stock_base
+
+    copied = copy.deepcopy(model)  # the run's model stays as it is
+    stock, prefix = stock_base(copied)
+    bare = copied.unload()  # the original layers back, inside the same stock module
+    peft_stock = PeftModel.from_pretrained(stock, str(folder)).eval()
+    if prefix:  # "encoder.": the classifier calls its encoder, now the PEFT model
+        setattr(bare, prefix.rstrip("."), peft_stock)
+        peft_stock = bare
+    return _StockForEvaluation(peft_stock, model._base_takes_task_ids).eval()
 
 
 def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, rank: int | None = None,
@@ -94,6 +102,10 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
     names = [t.name for t in tasks]
     if task is not None and task not in names:
         raise ValueError(f"the run has no task {task!r}; its tasks are {names}.")
+    if all_tasks and kind == "encoder" and len(tasks) > 1:
+        raise ValueError(f"--all-tasks makes one LoRA for a mixture served without task ids, but this encoder "
+                         f"run has one classification head per task ({names}): serving needs the task anyway. "
+                         f"Export one task at a time (--task NAME).")
     check_rank(rank, model.adapted_layers())
     indices = list(range(len(tasks))) if all_tasks else [names.index(task)]
     calib_rows = _rows(tasks, indices, "train", calibration)
@@ -118,7 +130,8 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the folder is meant to be shared
     try:
-        write_distilled_folder(model, staging, factors, report, task=task_id)
+        labels = list(tasks[task_id].spec.labels or []) or None if task_id is not None else None
+        write_distilled_folder(model, staging, factors, report, task=task_id, labels=labels)
         mixture = _evaluate(model, tokenizer, kind, tasks, run)
         distilled = _evaluate(_stock_peft_model(model, staging), tokenizer, kind, tasks, run)
         scored = names if all_tasks else [task]

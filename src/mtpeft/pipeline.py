@@ -23,7 +23,7 @@ from transformers import TrainingArguments, set_seed
 from .base_models import NAMED_MODELS, build_base, model_folder, model_kind
 from .data import MultiTaskDataset, MultiTaskSampler, load_tasks, task_from_dict
 from .data.choices import choices_as_classification
-from .data.tasks import TaskDataError, TaskSpecError, check_unique_names
+from .data.tasks import TaskDataError, check_unique_names
 from .data.collate import CausalLMCollator, EncoderClassificationCollator, Seq2SeqCollator
 from .distributed import (barrier, default_backend, init_distributed, is_distributed, is_main_process,
                           main_process_first, per_device_batch_size)
@@ -42,17 +42,12 @@ def write_json(path: Path, data) -> None:
 
 
 def run_task_specs(run: RunConfig):
-    """The run's task specs, checked before any data is read: at least one, unique names, and no name
-    that reads as a task index (``mtpeft export --task 1`` takes a number as an index)."""
+    """The run's task specs, checked before any data is read: at least one, unique names. A name may
+    be a number ("1"): ``mtpeft export --task`` takes names only, never an index."""
     specs = [task_from_dict(t) for t in run.data.tasks]
     if not specs:
         raise ValueError("data.tasks is empty: name at least one task (e.g. data.tasks=[bbc_news]).")
     check_unique_names(specs)
-    for spec in specs:
-        if spec.name.strip().lstrip("-").isdigit():
-            raise TaskSpecError(f"task name {spec.name!r} reads as a task index (`mtpeft export --task "
-                                f"{spec.name}` would pick the task at that position); give it a name that "
-                                f"is not a number, e.g. 'task_{spec.name.strip()}'.")
     return specs
 
 
