@@ -2,9 +2,11 @@
 evaluate, report and export from the CLI with no ``model.kind`` given."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import peft
 import torch
 import yaml
 from transformers import (BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, T5Config,
@@ -143,3 +145,24 @@ def test_gpt2_and_t5_folders_train_evaluate_report_and_export_from_the_cli(tmp_p
         ours = model(input_ids=ids, task_ids=torch.tensor([1])).logits
         stock = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), tmp_path / "peft")
         assert torch.allclose(stock(input_ids=ids).logits, ours, atol=1e-5)
+        # from the folder alone: the base it names, the stock class its task_type names
+        auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft")
+        assert torch.allclose(auto(input_ids=ids).logits, ours, atol=1e-5)
+
+    # the T5 run (MoELoRA, token-routed) ships through the distilled export, per task and for the mixture
+    t5_ids = torch.tensor([[5, 6, 7, 8, 9]])
+    decoder_ids = torch.tensor([[0, 11, 12]])
+    for argv, out in ((["--task", "colours"], tmp_path / "t5_colours"), (["--all-tasks"], tmp_path / "t5_all")):
+        assert main(["export", str(t5_run), *argv, "--calibration", "8", "--out", str(out)]) == 0
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_2_SEQ_LM" and config["base_model_name_or_path"] == str(tmp_path / "t5")
+        fidelity = json.loads((out / "fidelity.json").read_text())
+        assert fidelity["method"] == "moelora" and all(math.isfinite(v["error"]) for v in fidelity["layers"].values())
+        auto = peft.AutoPeftModelForSeq2SeqLM.from_pretrained(out)
+        plain = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5")
+        with torch.no_grad():
+            served = auto(input_ids=t5_ids, decoder_input_ids=decoder_ids).logits
+            bare = plain(input_ids=t5_ids, decoder_input_ids=decoder_ids).logits
+            merged = auto.merge_and_unload()(input_ids=t5_ids, decoder_input_ids=decoder_ids).logits
+        assert (served - bare).abs().max() > 0  # the fitted update is applied, not dropped
+        assert torch.allclose(merged, served, atol=1e-5)

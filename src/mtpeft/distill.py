@@ -74,7 +74,7 @@ def _selected_rows(layer: AdaptedLayer, x: torch.Tensor, route: Route, task: int
     n = x.numel() // x.shape[-1]
     keep = torch.ones(n, dtype=torch.bool, device=x.device)
     mask = route.token_mask
-    given = layer.routing.attention_mask
+    given = layer.routing._mask_of_stream(x, layer.token_stream)  # the mask of the tokens this layer sees
     if mask is None and given is not None:
         if given.numel() == n:  # a layer that sees (batch·seq, d) flattened rows
             mask = given
@@ -118,7 +118,7 @@ def collect_statistics(model, batches: Iterable[dict], task: int | None = None) 
 
     def hook(layer: AdaptedLayer, args, output):
         x = args[0]
-        route = layer.routing.route_for(x)
+        route = layer.routing.route_for(x, layer.token_stream)  # a T5 decoder layer: the decoder's mask
         keep = _selected_rows(layer, x, route, task)
         quiet = Route(route.row_task_ids, route.token_mask, record=False)
         y = layer.adapter_forward(x.to(layer.adapter_dtype), quiet)  # (..., d_out)

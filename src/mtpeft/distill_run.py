@@ -22,10 +22,13 @@ from .distill import (DEFAULT_RIDGE, refuse_non_empty_folder, check_rank, collec
 from .io import atomic_write_bytes
 
 
-def _batches(collate, rows: list[dict], size: int):
+def _batches(collate, rows: list[dict], size: int, keep_labels: bool):
+    """Model inputs for ``rows``. The adapter's output is all the fit needs, so labels are dropped, except
+    for an encoder-decoder: its decoder inputs (and the decoder's padding mask) are built from them."""
     for i in range(0, len(rows), size):
         batch = collate(rows[i:i + size])
-        batch.pop("labels", None)  # the adapter's output is all the fit needs; no loss
+        if not keep_labels:
+            batch.pop("labels", None)
         yield batch
 
 
@@ -117,9 +120,9 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
     size = run.train.eval_batch_size
     task_id = None if all_tasks else indices[0]
 
-    calib = collect_statistics(model, _batches(collate, calib_rows, size), task_id)
+    calib = collect_statistics(model, _batches(collate, calib_rows, size, kind == "seq2seq"), task_id)
     factors, details = fit_factors(model, calib, task=task_id, rank=rank, ridge=ridge, mode=mode)
-    held = collect_statistics(model, _batches(collate, held_rows, size), task_id) if held_rows else None
+    held = collect_statistics(model, _batches(collate, held_rows, size, kind == "seq2seq"), task_id) if held_rows else None
     report = fidelity_report(model, factors, details, calib, held, mode=mode, task=task_id, ridge=ridge)
     report.update(task="all" if all_tasks else task, run=str(run_dir), calibration_examples=len(calib_rows),
                   held_out_examples=len(held_rows))
