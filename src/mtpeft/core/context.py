@@ -92,7 +92,7 @@ class Route:
         has none: its rows are grouped here, which reads them on the host."""
         groups = self.groups
         if groups is None:
-            ids = self.row_task_ids
+            ids = self.row_task_ids[:: self.rows_per_example]  # one per example: its rows are adjacent
             groups = group_tasks(ids.tolist(), n_tasks, unknown_task, ids.device)
         elif groups.n_tasks != n_tasks or groups.unknown_task != unknown_task:
             raise ValueError(
