@@ -3,8 +3,10 @@
 ``get_model(model, config)`` replaces each targeted linear layer by the method's AdaptedLayer (the
 original layer lives on inside it, frozen) and returns a :class:`MultiTaskModel` that
 
-* takes ``task_ids`` in ``forward`` and ``generate`` and passes them to the layers through a
-  per-model routing context (the wrapped model's code and signature are untouched);
+* takes ``task_ids`` in ``forward`` and ``generate``, validates them once and passes them to the layers
+  as one routing plan per call through a per-model routing context (the wrapped model's code and
+  signature are untouched; see :meth:`MultiTaskModel.routing_plan` to build the plan outside a
+  compiled graph);
 * returns the auxiliary losses and router statistics the layers recorded during that forward, and
   adds the weighted aux losses to ``output.loss``;
 * saves, loads, merges, unmerges and exports its adapters.
@@ -12,6 +14,7 @@ original layer lives on inside it, frozen) and returns a :class:`MultiTaskModel`
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections import Counter
@@ -23,8 +26,9 @@ from torch import nn
 
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .config import AdapterConfig, get_layer_class
-from .core.context import RecordEncoderStates, RoutingState
+from .core.context import RecordCallDims, RecordEncoderStates, RoutingState, ScopeRecord
 from .core.layer import AdaptedLayer
+from .core.plan import RoutingPlan, as_bool_mask, call_dims, plan_task_ids, run_outside_graphs
 from .core.targets import find_targets
 from .core.task_ids import infer_batch_size, validate_task_ids
 
@@ -148,6 +152,9 @@ class MultiTaskModel(nn.Module):
         if encoder_modules is not None:
             self._encoder_states_hook = base_model.get_decoder().register_forward_pre_hook(
                 RecordEncoderStates(self.routing), with_kwargs=True)
+        # every call of the base model (generate makes one per step) declares its rows per example
+        self._call_dims_hook = base_model.register_forward_pre_hook(
+            RecordCallDims(self.routing, encoder_modules is not None), with_kwargs=True)
         # A base model that itself routes by task (e.g. one classification head per task) declares a
         # task_ids parameter; it then receives the validated ids too.
         self._base_takes_task_ids = _accepts_argument(base_model.forward, "task_ids")
@@ -220,7 +227,7 @@ class MultiTaskModel(nn.Module):
             task_ids, batch_size, cfg.n_tasks,
             required=cfg.task_routed and not self._merged_single_task(),
             method=type(cfg).__name__,
-            allow_unknown=getattr(cfg, "unknown_task", "error") == "average",
+            allow_unknown=True,  # the range: routing_plan checks it on the ids it reads once to the host
         )
 
     def _merged_single_task(self) -> bool:
@@ -271,13 +278,53 @@ class MultiTaskModel(nn.Module):
             self.check_usable("run forward")
         if self.base_model.training and torch.is_grad_enabled():  # the base's mode: get_model keeps it
             self._check_not_training_merged()
-        task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
+        if task_ids is None:  # nothing to read: the plan traces like the rest of the forward
+            plan = self.routing_plan(*args, **kwargs)
+        else:  # built outside any torch.compile graph: its host read splits no graph and specialises none
+            plan = run_outside_graphs(MultiTaskModel.routing_plan, self, *args, task_ids=task_ids, **kwargs)
+        return self.forward_with_plan(plan, *args, **kwargs)
+
+    def routing_plan(self, *args, task_ids: torch.Tensor | None = None, **kwargs) -> RoutingPlan:
+        """Validate ``task_ids`` against these inputs and build the call's routing plan (mtpeft.core.plan):
+        the task groups, the padding masks and the row layout, with the one host read of the ids a
+        forward makes (none without task ids).
+
+        ``model(**batch, task_ids=ids)`` is ``model.forward_with_plan(model.routing_plan(**batch,
+        task_ids=ids), **batch)``. To compile a forward without any graph break, build the plan eagerly and
+        compile the rest::
+
+            step = torch.compile(model.forward_with_plan, fullgraph=True)
+            out = step(model.routing_plan(**batch, task_ids=ids), **batch)
+
+        A new batch composition changes only the plan's tensors and its number of task groups (at most
+        n_tasks + 1 graphs)."""
+        cfg = self.config
+        batch = infer_batch_size(args, kwargs)
+        ids = self._check_task_ids(task_ids, batch)
+        groups = n_task_rows = None
+        if ids is not None:
+            unknown_task = getattr(cfg, "unknown_task", "error")
+            routes_by_task = cfg.task_routed and not self._merged_single_task()
+            groups, n_task_rows = plan_task_ids(ids, cfg.n_tasks, check_range=unknown_task != "average",
+                                                unknown_task=unknown_task if routes_by_task else None)
+            batch = ids.shape[0] if batch is None else batch
+        dims = {} if batch is None else {"dims": call_dims(args, kwargs, batch, self._is_encoder_decoder())}
+        return RoutingPlan(task_ids=ids, batch=batch, input_mask=as_bool_mask(self._new_tokens_mask(kwargs)),
+                           decoder_mask=as_bool_mask(self._decoder_tokens_mask(kwargs)), groups=groups,
+                           n_task_rows=n_task_rows, **dims)
+
+    def forward_with_plan(self, plan: RoutingPlan, *args, **kwargs):
+        """Call the wrapped model with a plan from :meth:`routing_plan` built from the same inputs (no
+        validation here, no host read: the part of a forward that compiles with fullgraph=True)."""
+        batch = infer_batch_size(args, kwargs)
+        if plan.batch is not None and batch is not None and batch != plan.batch:
+            raise ValueError(f"the routing plan is for a batch of {plan.batch} examples, these inputs have {batch}: "
+                             f"build the plan from the same inputs (model.routing_plan(**inputs, task_ids=...)).")
         if self._base_takes_task_ids:
-            kwargs["task_ids"] = task_ids
-        with self.routing.scope(task_ids, self._new_tokens_mask(kwargs), record=True,
-                                decoder_attention_mask=self._decoder_tokens_mask(kwargs)):
+            kwargs["task_ids"] = plan.task_ids
+        with self.routing.scope(plan=plan, record=True) as record:
             output = self.base_model(*args, **kwargs)
-        return self._attach_aux(output)
+        return self._attach_aux(output, record)
 
     def _decoder_tokens_mask(self, kwargs: dict) -> torch.Tensor | None:
         """An encoder-decoder's decoder padding mask (batch, target): ``decoder_attention_mask`` when
@@ -308,17 +355,17 @@ class MultiTaskModel(nn.Module):
             return mask
         return mask[:, -new.shape[1]:]
 
-    def _attach_aux(self, output):
-        aux = self.routing.summed_aux_losses()
+    def _attach_aux(self, output, record: ScopeRecord):
+        aux = record.summed_aux_losses()
         self.last_aux_losses = aux
-        self.last_router_stats = self.routing.router_stats
+        self.last_router_stats = record.router_stats
         if aux and isinstance(output, dict) and output.get("loss") is not None:
-            output["loss"] = output["loss"] + self.routing.weighted_aux_total(aux)
+            output["loss"] = output["loss"] + record.weighted_aux_total(aux)
         if isinstance(output, dict):
             # Attribute only, not a dict key: the HF Trainer turns every output key but "loss" into
             # logits during evaluation.
             object.__setattr__(output, "aux_losses", aux)
-            object.__setattr__(output, "router_stats", self.routing.router_stats)
+            object.__setattr__(output, "router_stats", record.router_stats)
         return output
 
     def router_stats(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -329,8 +376,11 @@ class MultiTaskModel(nn.Module):
     def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
         """``base_model.generate`` with task ids; beams and multiple return sequences are handled."""
         self.check_usable("generate")
-        task_ids = self._check_task_ids(task_ids, infer_batch_size(args, kwargs))
-        with self.routing.scope(task_ids, None, record=False):
+        # generate's own calls of the model expand each example in place (beams): the call-dims hook
+        # declares each call's rows per example
+        plan = self.routing_plan(*args, task_ids=task_ids, **kwargs)
+        plan = dataclasses.replace(plan, input_mask=None, decoder_mask=None)  # nothing is recorded in generate
+        with self.routing.scope(plan=plan, record=False):
             return self.base_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ parameters
@@ -490,6 +540,9 @@ class MultiTaskModel(nn.Module):
         if self._encoder_states_hook is not None:
             self._encoder_states_hook.remove()
             self._encoder_states_hook = None
+        if self._call_dims_hook is not None:
+            self._call_dims_hook.remove()
+            self._call_dims_hook = None
         self.unloaded = True
         return self.base_model
 

@@ -1,9 +1,9 @@
 """Task-level helpers of the task-routed methods (per-task LoRA, MTL-LoRA, Poly / MHR, C-Poly).
 
-* :func:`group_by_task` turns a batch's per-row task ids into the distinct tasks present plus one
-  index per row, so a layer builds each task's effective weights once per batch (not per example)
-  and gathers them. With ``unknown_task="average"`` every id outside [0, n_tasks) maps to one extra
-  slot, ``n_tasks``, which the layer fills with its task-agnostic fallback.
+* A batch's task groups (the distinct tasks present, each example's group; with
+  ``unknown_task="average"`` every id outside [0, n_tasks) is one extra slot, ``n_tasks``, which the
+  layer fills with its task-agnostic fallback) are computed once per forward by the wrapper, in its
+  routing plan (:func:`mtpeft.core.plan.group_tasks`), and reach the layers through their Route.
 * :func:`add_tasks` grows a wrapped model by ``n`` tasks (``MultiTaskModel.add_tasks`` calls it):
   every layer appends per-task rows initialised as at construction, and ``config.n_tasks`` grows.
   With ``train_only_routing=True`` only the new tasks' routing logits train (MHR-z style [Caccia et
@@ -22,24 +22,6 @@ UNKNOWN_TASK_HELP = (
     'what an id outside [0, n_tasks) means: "error" (default) rejects it; "average" accepts it '
     "(e.g. -1 for an unseen task) and uses the method's task-agnostic fallback"
 )
-
-
-def group_by_task(ids: torch.Tensor, n_tasks: int, unknown_task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tasks (G,), inverse (rows,)): the distinct tasks of ``ids`` (sorted) and each row's index into them.
-
-    With ``unknown_task="average"`` ids outside [0, n_tasks) become the slot ``n_tasks`` ("unknown").
-    """
-    if unknown_task == "average":
-        known = (ids >= 0) & (ids < n_tasks)
-        ids = torch.where(known, ids, torch.full_like(ids, n_tasks))
-    tasks, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    if unknown_task != "average" and tasks.numel() and (int(tasks[0]) < 0 or int(tasks[-1]) >= n_tasks):
-        bad = int(tasks[0]) if int(tasks[0]) < 0 else int(tasks[-1])
-        raise ValueError(
-            f"task id {bad} is out of range: this layer has n_tasks={n_tasks}. Set unknown_task='average' "
-            f"in the config to accept unseen tasks."
-        )
-    return tasks, inverse
 
 
 @torch.no_grad()

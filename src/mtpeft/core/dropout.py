@@ -5,9 +5,10 @@ Why: on CPU, torch's dropout draws one Bernoulli number per element (``bernoulli
 adapters use (0.05), almost every draw says "keep". This module instead draws the *gaps* between
 dropped elements: for i.i.d. Bernoulli(p) drops, the number of kept elements before the next drop is
 Geometric(p), sampled by inversion, G = floor(log(1 - U) / log(1 - p)) with U ~ U[0, 1) in float64.
-The cumulative sums of G + 1 are the dropped positions. That is exactly the same distribution as
+The cumulative sums of G + 1 are the dropped positions. That is the same distribution as
 ``torch.nn.Dropout`` (each element dropped independently with probability p, kept ones scaled by
-1/(1 - p)), with a different random stream: the same seed gives a different mask than torch's.
+1/(1 - p)), with a different random stream: the same seed gives a different mask than torch's. The
+number of gaps is fixed in advance (no host read), enough except with probability < 1e-20.
 
     mask = full(n, 1/(1-p)); mask[dropped positions] = 0;   y = x * mask   (backward: g * mask)
 
@@ -45,25 +46,16 @@ def _draw_count(n: int, p: float) -> int:
 
 def dropped_positions(n: int, p: float, device) -> torch.Tensor:
     """Flat positions (int64) of the elements dropped out of n, each independently with probability p.
-    Entries equal to n are padding (overshoot past the end): index an (n + 1)-element buffer with them."""
+    Entries equal to n are padding (overshoot past the end): index an (n + 1)-element buffer with them.
+
+    One draw of ``_draw_count(n, p)`` gaps, never a second: whether they reached the end could only be
+    known by reading ``ends[-1]`` on the host, a device sync inside the layer (and a graph break). They
+    fall short with probability < 1e-20; the elements past the last drop would then all be kept."""
     log_keep = math.log1p(-p)  # log(1 - p) < 0
-    start = torch.zeros((), dtype=torch.int64, device=device)
-    parts = []
-    while True:
-        u = torch.rand(_draw_count(n, p), dtype=torch.float64, device=device)  # U[0, 1)
-        gaps = torch.floor(torch.log1p(-u) / log_keep).to(torch.int64) + 1  # Geometric(p) + 1, >= 1
-        ends = start + torch.cumsum(gaps, 0)  # one past each dropped position
-        parts.append((ends - 1).clamp_(max=n))
-        # Covered (the last drop lies at or past the end) except with probability < 1e-20. On CPU the
-        # check is free, so draw more if needed (exact); elsewhere it would cost a device sync.
-        if device_type(ends) != "cpu" or torch.compiler.is_compiling() or int(ends[-1]) > n:
-            break
-        start = ends[-1]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def device_type(t: torch.Tensor) -> str:
-    return t.device.type
+    u = torch.rand(_draw_count(n, p), dtype=torch.float64, device=device)  # U[0, 1)
+    gaps = torch.floor(torch.log1p(-u) / log_keep).to(torch.int64) + 1  # Geometric(p) + 1, >= 1
+    ends = torch.cumsum(gaps, 0)  # one past each dropped position
+    return (ends - 1).clamp_(max=n)
 
 
 def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:

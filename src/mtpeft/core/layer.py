@@ -179,7 +179,7 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             self._check_merged_task()
             return self.base_layer(x, *args, **kwargs)
-        route = self.routing.route_for(x, self.token_stream)
+        route = self.routing.route_for(x, self.token_stream, self.module_name)
         # An nn.Linear runs on the flattened rows, so its output is a fresh 2-D tensor rather than a
         # view: the update can then be added in place (the base layer does not save its output for
         # backward), saving an activation-sized allocation. In place on a *view* would instead make

@@ -72,6 +72,14 @@ def top_k_gates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return gates, selected
 
 
+def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """(M,) indices in [0, n) -> (M, n) one-hot rows in ``dtype``, the values of ``F.one_hot(index, n)``.
+
+    By comparison with arange(n): F.one_hot checks the indices' range by reading them on the host (on
+    CPU), which inside a layer would be a sync; here the indices are in range by construction."""
+    return (index.unsqueeze(-1) == torch.arange(n, device=index.device)).to(dtype)
+
+
 def argmax_selected(gates: torch.Tensor) -> torch.Tensor:
     """(N, E) bool marking each token's largest gate: the "routed" expert of a dense router."""
     index = gates.detach().argmax(-1, keepdim=True)
@@ -164,7 +172,8 @@ def router_statistics(probs: torch.Tensor, gates: torch.Tensor, selected: torch.
         "topk_count": (sel * w[:, None]).sum(0),
     }
     if task_ids is not None:
-        n_tasks = int(task_ids.max()) + 1 if n_tasks is None else n_tasks  # one sync, only without n_tasks
+        # a host read, only without n_tasks (a hand-built Route: the wrapper's plan gives n_task_rows)
+        n_tasks = int(task_ids.max()) + 1 if n_tasks is None else n_tasks
         n_experts = probs.shape[-1]
         ids = task_ids.to(probs.device).long()
         zeros = probs.new_zeros(n_tasks, n_experts)
@@ -283,8 +292,10 @@ class TokenRoutedLayer(AdaptedLayer):
                       selected: torch.Tensor, k: int, token_weight: torch.Tensor | None) -> None:
         if not route.record:
             return
+        # the per-task tables' size: n_tasks, else the plan's largest id + 1 (read at the wrapper's entry)
+        n_tasks = self.config.n_tasks if self.config.n_tasks is not None else route.n_task_rows
         stats = router_statistics(probs.detach(), gates, selected, k, token_weight,
-                                  token_task_ids(route, lead), self.config.n_tasks)
+                                  token_task_ids(route, lead), n_tasks)
         self.routing.add_router_stats(self.module_name, stats)
 
 
@@ -303,7 +314,7 @@ def closed_form_parameter_count(config, shapes: Iterable[tuple[int, int]]) -> in
 
 
 __all__: list[str] = [
-    "router_dtype", "router_probs", "top_k_gates", "argmax_selected", "gate_expert_blocks", "gate_shared_block",
+    "router_dtype", "router_probs", "top_k_gates", "one_hot", "argmax_selected", "gate_expert_blocks", "gate_shared_block",
     "masked_mean", "switch_balance_loss", "token_weights", "token_task_ids", "router_statistics",
     "task_expert_load", "TokenRoutedLayer", "closed_form_parameter_count",
 ]

@@ -70,11 +70,18 @@ def validate_task_ids(task_ids, batch_size: int | None, n_tasks: int | None, *, 
                 f"{MAX_TASK_ID_WITHOUT_N_TASKS} are accepted; the largest id sizes the per-task router "
                 f"statistics): set n_tasks in the method config to the number of tasks.")
     if n_tasks is not None and not allow_unknown and task_ids.numel():
-        low, high = int(task_ids.min()), int(task_ids.max())
-        if low < 0 or high >= n_tasks:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"task id {bad} is out of range: this adapter was built for n_tasks={n_tasks}, so ids "
-                f"must be in [0, {n_tasks - 1}]."
-            )
+        check_task_id_range(task_ids.tolist(), n_tasks)
     return task_ids
+
+
+def check_task_id_range(values: list[int], n_tasks: int) -> None:
+    """Refuse task ids (python ints, already on the host) outside [0, n_tasks)."""
+    if not values:
+        return
+    low, high = min(values), max(values)
+    if low < 0 or high >= n_tasks:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"task id {bad} is out of range: this adapter was built for n_tasks={n_tasks}, so ids "
+            f"must be in [0, {n_tasks - 1}]."
+        )

@@ -52,8 +52,8 @@ from ..config import (AdapterConfig, check_choice, check_non_negative, check_pos
                       check_probability, field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
-from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, router_dtype, router_probs, switch_balance_loss,
-                            top_k_gates)
+from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, one_hot, router_dtype, router_probs,
+                            switch_balance_loss, top_k_gates)
 from ..core.dropout import dropout_linear
 from .lora import make_dropout
 
@@ -217,7 +217,7 @@ def contrastive_loss_from_blocks(blocks: torch.Tensor, b_cat: torch.Tensor, expe
     v = blocks / norms[:, None]  # (M, E·r)
     okf = ok.to(dtype)
     lse = masked_logsumexp_of_products(w, v, ok, 1.0 / temperature)  # (M,)
-    members = F.one_hot(experts, n_experts).to(dtype) * okf[:, None]  # (M, E): ok pairs of each expert
+    members = one_hot(experts, n_experts, dtype) * okf[:, None]  # (M, E): ok pairs of each expert
     centroid = members.T @ v  # (E, E·r): Σ of the ok v_j of each expert
     pos_sum = (w * (centroid[experts] - okf[:, None] * v)).sum(-1)  # (M,): Σ_j cos_ij over positives
     n_pos = okf * (members.sum(0)[experts] - 1.0)  # (M,): positives of each anchor (0 if not ok)
@@ -289,8 +289,8 @@ class MoELoraLayer(TokenRoutedLayer):
             valid = selected if valid is None else valid & selected
         token, expert, ok = sample_pairs(n, e, cfg.contrastive_sample_size, valid, z.device)
         z_pairs = z.view(n, e, r)[token, expert]  # (M, r)
-        one_hot = F.one_hot(expert, e).to(z.dtype)  # (M, E)
-        blocks = (one_hot.unsqueeze(-1) * z_pairs.unsqueeze(1)).view(-1, e * r)  # (M, E·r), block e only
+        expert_one_hot = one_hot(expert, e, z.dtype)  # (M, E)
+        blocks = (expert_one_hot.unsqueeze(-1) * z_pairs.unsqueeze(1)).view(-1, e * r)  # (M, E·r), block e only
         # = expert_contrastive_loss(blocks @ B_cat, ...) through B_cat's Gram matrix, without (M, M) masks.
         return contrastive_loss_from_blocks(blocks, self.lora_B.view(e * r, -1), expert, ok,
                                             cfg.contrastive_temperature, e)

@@ -37,17 +37,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import (AdapterConfig, check_choice, check_positive_int, check_positive_number, check_probability,
                       field_help, register_method)
-from ..core.context import Route
+from ..core.context import Route, expand_rows
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
-from ..core.routing import gate_shared_block
-from ..tasks_api import (UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter,
-                         routing_table)
+from ..core.routing import gate_shared_block, one_hot
+from ..tasks_api import UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, grow_task_parameter, routing_table
 from ..core.dropout import dropout_linear
 from .lora import make_dropout
 from .task_lora import require_task_ids
@@ -162,9 +160,9 @@ class MTLLoraLayer(AdaptedLayer):
 
     # ------------------------------------------------------------------ forward
     def delta_factors(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = require_task_ids(route, self.config.method).to(x.device)
-        tasks, inverse = group_by_task(ids, self.n_tasks, self.config.unknown_task)  # (G,), (rows,)
-        c_t = self.transposed_task_matrices(tasks)  # (G, r, d_out)
+        require_task_ids(route, self.config.method)
+        groups = route.task_groups(self.n_tasks, self.config.unknown_task, x.device)  # the wrapper's plan
+        c_t = self.transposed_task_matrices(groups.tasks)  # (G, r, d_out)
         g, r = c_t.shape[0], c_t.shape[1]
         right = c_t.reshape(g * r, self.out_features)  # (G·r, d_out): every C_tᵀ stacked
         x2d = x.reshape(-1, x.shape[-1])  # (N, d_in), N = rows · tokens, rows first
@@ -174,8 +172,9 @@ class MTLLoraLayer(AdaptedLayer):
         # A mixed batch: each token's z goes to its task's block of an (N, G·r) matrix, zeros elsewhere,
         # so one GEMM with every task's C (as in the token-routed mixtures) replaces a gather of one C
         # per row and a batched GEMM, and the base layer adds it into its output in place.
-        token_task = inverse.repeat_interleave(x2d.shape[0] // ids.shape[0])  # (N,)
-        return gate_shared_block(z, F.one_hot(token_task, g), self.scaling), right  # (N, G·r), (G·r, d_out)
+        row_group = route.row_groups(groups)  # (rows,)
+        token_group = expand_rows(row_group, x2d.shape[0] // row_group.shape[0])  # (N,): rows first, then tokens
+        return gate_shared_block(z, one_hot(token_group, g), self.scaling), right  # (N, G·r), (G·r, d_out)
 
     def lora_factors(self, task: int | None):
         if task is None:

@@ -47,8 +47,7 @@ from ..config import AdapterConfig, check_choice, check_positive_int, field_help
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
-from ..tasks_api import (UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, group_by_task, grow_task_parameter,
-                         routing_table)
+from ..tasks_api import UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, grow_task_parameter, routing_table
 from .task_lora import require_task_ids
 
 EPS = 1e-12  # normaliser guard, as PEFT and mttl
@@ -164,27 +163,22 @@ class PolyLayer(AdaptedLayer):
         return a, b
 
     # ------------------------------------------------------------------ forward
-    def _groups(self, ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group tasks (G,), row -> group (rows,)): one group per task present, or per example when
-        Gumbel noise is drawn per example (training with noise_granularity="example")."""
+    def _groups(self, route: Route, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group slots (G,), row -> group (rows,)): one group per task present, or per example when
+        Gumbel noise is drawn per example (training with noise_granularity="example"). From the
+        wrapper's routing plan: the slots already map unknown ids to n_tasks."""
         cfg = self.config
+        groups = route.task_groups(self.n_tasks, cfg.unknown_task, device)
         if not (self.training and cfg.noise_granularity == "example"):
-            return group_by_task(ids, self.n_tasks, cfg.unknown_task)
-        # Rows are the examples, or each example's k consecutive copies (beams, flattened tokens).
-        n_examples = self.routing.task_ids.shape[0] if self.routing.task_ids is not None else rows
-        k = max(rows // max(n_examples, 1), 1)
-        tasks, _ = group_by_task(ids, self.n_tasks, cfg.unknown_task)  # validates the ids
-        per_example = ids[::k]
-        if cfg.unknown_task == "average":
-            known = (per_example >= 0) & (per_example < self.n_tasks)
-            per_example = torch.where(known, per_example, torch.full_like(per_example, self.n_tasks))
-        inverse = torch.arange(rows, device=ids.device) // k
-        return per_example, inverse
+            return groups.tasks, route.row_groups(groups)
+        # Rows are the examples, or each example's consecutive copies (beams, flattened tokens).
+        examples = groups.example_slot  # (B,)
+        return examples, route.row_examples(examples.shape[0], device)
 
     def adapter_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        ids = require_task_ids(route, self.config.method).to(x.device)
+        require_task_ids(route, self.config.method)
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, d_in)
-        tasks, inverse = self._groups(ids, rows.shape[0])
+        tasks, inverse = self._groups(route, x.device)
         a, b = self.task_factors(tasks, sample=self.training)  # (G, d_in, r), (G, r, d_out)
         if a.shape[0] == 1:  # one group: no gather
             y = ((rows @ a[0]) / self.config.r) @ b[0]
