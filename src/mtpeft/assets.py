@@ -83,8 +83,8 @@ def bigbench_tarball() -> str:
     if tarball.is_file():
         return str(tarball)
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-           f"bigbench=={BIGBENCH_VERSION}", "-d", str(folder)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}",
+           "-d", str(folder), "--progress-bar", "on"]
     print(bigbench_download_message(folder), file=sys.stderr, flush=True)
     try:
         # pip's own output (its "Downloading ... (358.0 MB)" line and progress bar) goes to the user's
