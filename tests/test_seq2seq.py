@@ -231,6 +231,27 @@ def test_evaluate_seq2seq_scores_options_and_generated_text(tmp_path):
     assert result["tasks"]["moods"]["n"] == len(tasks[2].test)
 
 
+def test_scoring_a_subset_of_tasks_routes_each_with_its_own_id(tmp_path):
+    """``only=`` scores some tasks of a run (what an export does for its task): each keeps the id it has
+    in the full list, so its score equals the full evaluation's; an unknown name is refused."""
+    specs = [task_from_dict(t) for t in write_tasks(tmp_path / "data")]
+    tasks = load_tasks(specs, seed=0, val_fraction=0.1, test_fraction=0.3)
+    tok = word_tokenizer(eos_after_text=True)
+    model = mtpeft.get_model(tiny_t5(), CONFIGS["mtl_lora"]())
+    randomise(model)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["task_ids"].unique().tolist()),
+                                           with_kwargs=True)
+    full = evaluate_seq2seq(model, tok, tasks, batch_size=3, max_length=64, max_new_tokens=3)
+    seen.clear()
+    part = evaluate_seq2seq(model, tok, tasks, batch_size=3, max_length=64, max_new_tokens=3, only=["moods"])
+    hook.remove()
+    assert seen and all(ids == [2] for ids in seen)
+    assert list(part["tasks"]) == ["moods"] and part["tasks"]["moods"] == full["tasks"]["moods"]
+    with pytest.raises(ValueError, match="no task \\['mood'\\]"):
+        evaluate_seq2seq(model, tok, tasks, only=["mood"])
+
+
 def test_task_adapter_of_a_t5_exports_to_stock_peft(tmp_path):
     from peft import PeftModel
 

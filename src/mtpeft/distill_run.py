@@ -60,10 +60,11 @@ class _StockForEvaluation(nn.Module):
         return self.model.generate(**self._kwargs(kwargs))
 
 
-def _evaluate(model, tokenizer, kind, tasks, run) -> dict:
+def _evaluate(model, tokenizer, kind, tasks, run, only) -> dict:
+    """Test scores of the tasks named in ``only`` (each routed with its own id)."""
     from .evaluate import evaluate_causal, evaluate_encoder, evaluate_seq2seq
 
-    kwargs = dict(split="test", limit=run.data.max_eval_examples, max_length=run.model.max_length)
+    kwargs = dict(split="test", limit=run.data.max_eval_examples, max_length=run.model.max_length, only=only)
     if kind == "encoder":
         return evaluate_encoder(model, tokenizer, tasks, batch_size=run.train.eval_batch_size, **kwargs)
     evaluate = evaluate_seq2seq if kind == "seq2seq" else evaluate_causal
@@ -135,9 +136,9 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
     try:
         labels = list(tasks[task_id].spec.labels or []) or None if task_id is not None else None
         write_distilled_folder(model, staging, factors, report, task=task_id, labels=labels)
-        mixture = _evaluate(model, tokenizer, kind, tasks, run)
-        distilled = _evaluate(_stock_peft_model(model, staging), tokenizer, kind, tasks, run)
         scored = names if all_tasks else [task]
+        mixture = _evaluate(model, tokenizer, kind, tasks, run, scored)
+        distilled = _evaluate(_stock_peft_model(model, staging), tokenizer, kind, tasks, run, scored)
         report["test"] = {"mixture": {n: mixture["tasks"][n] for n in scored},
                           "distilled_lora": {n: distilled["tasks"][n] for n in scored}}
         key = "average" if all_tasks else task
