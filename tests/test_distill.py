@@ -334,7 +334,7 @@ def test_the_printed_export_command_distils_a_token_routed_run(teamlora_run, cap
     from test_export_stock import guide_snippet
 
     from mtpeft.cli import main as cli_main
-    from mtpeft.distill_run import _stock_peft_model
+    from mtpeft.distill_run import stock_peft_model
     from mtpeft.export import export_command
     from mtpeft.pipeline import load_run
     from mtpeft.run_config import load_run_config
@@ -354,7 +354,7 @@ def test_the_printed_export_command_distils_a_token_routed_run(teamlora_run, cap
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         n_labels = len(tasks[0].spec.labels)
         with torch.no_grad():
-            want = _stock_peft_model(model, out)(**batch, task_ids=torch.zeros(2, dtype=torch.long)).logits
+            want = stock_peft_model(model, out)(**batch, task_ids=torch.zeros(2, dtype=torch.long)).logits
             mixture = model(**batch, task_ids=torch.zeros(2, dtype=torch.long)).logits
         assert namespace["logits"].shape == (2, n_labels)
         assert (namespace["logits"] - want[:, :n_labels]).abs().max() < 1e-5

@@ -60,7 +60,7 @@ class _StockForEvaluation(nn.Module):
         return self.model.generate(**self._kwargs(kwargs))
 
 
-def _evaluate(model, tokenizer, kind, tasks, run, only) -> dict:
+def evaluate_tasks(model, tokenizer, kind, tasks, run, only) -> dict:
     """Test scores of the tasks named in ``only`` (each routed with its own id)."""
     from .evaluate import evaluate_causal, evaluate_encoder, evaluate_seq2seq
 
@@ -71,7 +71,7 @@ def _evaluate(model, tokenizer, kind, tasks, run, only) -> dict:
     return evaluate(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4), **kwargs)
 
 
-def _stock_peft_model(model, folder: Path) -> nn.Module:
+def stock_peft_model(model, folder: Path) -> nn.Module:
     """The exported folder loaded with stock ``peft.PeftModel`` onto the stock model inside a copy of the
     run's bare base (target names in the folder are paths inside that stock model). An encoder run keeps
     its trained heads around the PEFT-wrapped encoder: they are the tensors head.safetensors holds."""
@@ -89,11 +89,31 @@ def _stock_peft_model(model, folder: Path) -> nn.Module:
     return _StockForEvaluation(peft_stock, model._base_takes_task_ids).eval()
 
 
+def task_statistics(model, tokenizer, kind, tasks, run, indices: list[int], calibration: int | None,
+                    task_id: int | None):
+    """The calibration statistics (the first ``calibration`` training examples of each task in ``indices``),
+    the held-out ones (as many validation examples; None if the split is empty) and the example counts.
+    ``task_id``: count only that task's rows (None: pool every row)."""
+    from .pipeline import make_collator
+
+    calib_rows = _rows(tasks, indices, "train", calibration)
+    if not calib_rows:
+        raise ValueError(f"no calibration examples: the training split of {[tasks[i].name for i in indices]} "
+                         f"is empty; distil a task that has training examples.")
+    held_rows = _rows(tasks, indices, "validation", calibration)
+    collate = make_collator(kind, tokenizer, run, tasks)
+    size = run.train.eval_batch_size
+    keep_labels = kind == "seq2seq"
+    calib = collect_statistics(model, _batches(collate, calib_rows, size, keep_labels), task_id)
+    held = collect_statistics(model, _batches(collate, held_rows, size, keep_labels), task_id) if held_rows else None
+    return calib, held, {"calibration_examples": len(calib_rows), "held_out_examples": len(held_rows)}
+
+
 def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, rank: int | None = None,
                 calibration: int | None = None, *, mode: str = "least_squares", ridge: float = DEFAULT_RIDGE,
                 log=print) -> Path:
     """Distil ``run_dir``'s adapter for ``task`` (or every task pooled) into the PEFT LoRA folder ``out``."""
-    from .pipeline import load_run, make_collator
+    from .pipeline import load_run
 
     out = Path(out)
     if (task is None) == (not all_tasks):
@@ -112,21 +132,11 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
                          f"Export one task at a time (--task NAME).")
     check_rank(rank, model.adapted_layers())
     indices = list(range(len(tasks))) if all_tasks else [names.index(task)]
-    calib_rows = _rows(tasks, indices, "train", calibration)
-    if not calib_rows:
-        raise ValueError(f"no calibration examples: the training split of {[names[i] for i in indices]} is "
-                         f"empty; distil a task that has training examples.")
-    held_rows = _rows(tasks, indices, "validation", calibration)
-    collate = make_collator(kind, tokenizer, run, tasks)
-    size = run.train.eval_batch_size
     task_id = None if all_tasks else indices[0]
-
-    calib = collect_statistics(model, _batches(collate, calib_rows, size, kind == "seq2seq"), task_id)
+    calib, held, counts = task_statistics(model, tokenizer, kind, tasks, run, indices, calibration, task_id)
     factors, details = fit_factors(model, calib, task=task_id, rank=rank, ridge=ridge, mode=mode)
-    held = collect_statistics(model, _batches(collate, held_rows, size, kind == "seq2seq"), task_id) if held_rows else None
     report = fidelity_report(model, factors, details, calib, held, mode=mode, task=task_id, ridge=ridge)
-    report.update(task="all" if all_tasks else task, run=str(run_dir), calibration_examples=len(calib_rows),
-                  held_out_examples=len(held_rows))
+    report.update(task="all" if all_tasks else task, run=str(run_dir), **counts)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -137,8 +147,8 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
         labels = list(tasks[task_id].spec.labels or []) or None if task_id is not None else None
         write_distilled_folder(model, staging, factors, report, task=task_id, labels=labels)
         scored = names if all_tasks else [task]
-        mixture = _evaluate(model, tokenizer, kind, tasks, run, scored)
-        distilled = _evaluate(_stock_peft_model(model, staging), tokenizer, kind, tasks, run, scored)
+        mixture = evaluate_tasks(model, tokenizer, kind, tasks, run, scored)
+        distilled = evaluate_tasks(stock_peft_model(model, staging), tokenizer, kind, tasks, run, scored)
         report["test"] = {"mixture": {n: mixture["tasks"][n] for n in scored},
                           "distilled_lora": {n: distilled["tasks"][n] for n in scored}}
         key = "average" if all_tasks else task
