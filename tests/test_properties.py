@@ -40,6 +40,7 @@ the real tokens only (``test_balance_losses_ignore_padding``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter, defaultdict
@@ -50,6 +51,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import method_cases
 import mtpeft
 from mtpeft.config import get_config_class, get_layer_class
 from mtpeft.core.context import RoutingState
@@ -60,8 +62,9 @@ EXAMPLES: Counter = Counter()
 RATIOS: dict = defaultdict(list)  # bf16 error / allowed error per kind, to calibrate BF16_FACTOR
 MIN_EXAMPLES = 500
 
-TASK_ROUTED = ["lora", "task_lora", "mtl_lora", "poly", "cpoly"]
-TOKEN_ROUTED = ["moelora", "mosld", "teamlora", "hydralora"]
+# Every registered method (tests/method_cases.py: the package's, then the test-defined ones).
+TOKEN_ROUTED = method_cases.methods(routing="token")
+TASK_ROUTED = [m for m in method_cases.methods() if m not in TOKEN_ROUTED]  # LoRA and the task-routed ones
 METHODS = TASK_ROUTED + TOKEN_ROUTED
 PER_METHOD = {torch.float32: 64, torch.bfloat16: 48}  # 9 methods x 112 = 1008 cases
 
@@ -96,7 +99,7 @@ def cases(draw, method: str) -> dict:
         h = 1
         c["d_in"], c["d_out"] = draw(st.integers(1, 24)), draw(st.integers(1, 20))
     n_tasks = draw(st.integers(1, 4))
-    unknown = method in ("mtl_lora", "poly", "cpoly") and draw(st.booleans())
+    unknown = method_cases.spec(method).unknown_task_field is not None and draw(st.booleans())
     fields: dict = {}
     if method in ("lora", "task_lora"):
         fields = dict(r=draw(st.integers(1, 8)), lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])),
@@ -128,6 +131,15 @@ def cases(draw, method: str) -> dict:
     elif method == "hydralora":
         fields = dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 6)), lora_dropout=draw(dropout),
                       balance_weight=0.01)
+    else:  # no hand-written strategy: one of the method's MethodSpec.test_cases over its test config
+        spec = method_cases.spec(method)
+        cfg = spec.small_config(**{**draw(st.sampled_from(spec.test_cases)), "n_tasks": n_tasks})
+        common = {f.name for f in dataclasses.fields(mtpeft.AdapterConfig)} - {"n_tasks"}
+        fields = {k: v for k, v in cfg.to_dict().items() if k not in common | {"method"}}
+        if spec.unknown_task_field is not None:
+            fields[spec.unknown_task_field] = "average" if unknown else "error"
+        if "lora_dropout" in fields:
+            fields["lora_dropout"] = draw(dropout)
     if method in TOKEN_ROUTED:
         fields["n_tasks"] = n_tasks  # task ids are passed too: they size the router statistics
     c["fields"] = fields
@@ -382,18 +394,18 @@ def _balance_reference(layer, x2d: torch.Tensor, real: torch.Tensor) -> torch.Te
         total = torch.where(total >= 0, total.clamp_min(eps), total.clamp_max(-eps))
         w = e * psi / total
         return ((w.mean(0) - 1.0) ** 2).mean()
-    k = 1 if cfg.method == "hydralora" else layer.top_k
+    k = getattr(layer, "top_k", 1)  # dense routers (HydraLoRA) count each token's largest gate
     chosen = torch.zeros_like(probs)
     chosen.scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)
     f = chosen.mean(0) / k  # share of the routed slots
     return e * (f * probs.mean(0)).sum()
 
 
-BALANCE = {"moelora": "moelora_balance", "mosld": "mosld_balance", "teamlora": "teamlora_balance",
-           "hydralora": "hydralora_balance"}
+# method -> its balance loss (the declared aux loss named *_balance), for every token-routed method with one
+BALANCE = {m: n for m in TOKEN_ROUTED for n in method_cases.spec(m).aux_losses if n.endswith("_balance")}
 
 
-@pytest.mark.parametrize("method", TOKEN_ROUTED)
+@pytest.mark.parametrize("method", list(BALANCE))
 def test_balance_losses_ignore_padding(method):
     """The recorded balance loss of a padded batch equals the loop formula on its real tokens alone, and
     padding tokens get no gradient from it."""

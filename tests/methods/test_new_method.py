@@ -1,0 +1,80 @@
+"""Acceptance for "one declaration per method": DenseMix (tests/new_method.py) is defined and registered
+outside src/ in one MethodSpec, and the shared suites run it from the registry with no other file
+edited (tests/method_cases.py lists it after the package's methods, in a fixed order). Here: what the
+registry derives and refuses, that the probe is in the shared case lists, and ``mtpeft bench --quick``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+import method_cases
+import mtpeft
+from mtpeft.cli import main as cli_main
+from mtpeft.config import MethodSpec, get_method_spec, package_methods, register_method
+from mtpeft.methods.lora import LoraConfig, LoraLayer
+from new_method import DenseMixConfig, DenseMixLayer
+
+
+def test_the_probe_is_registered_with_its_capabilities():
+    spec = get_method_spec("dense_mix")
+    assert (spec.config_class, spec.layer_class) == (DenseMixConfig, DenseMixLayer)
+    assert (spec.routing, spec.export, spec.can_add_tasks, spec.mergeable) == ("token", "distilled", False, False)
+    assert DenseMixConfig(balance_weight=0.25).aux_loss_weights() == {"dense_mix_balance": 0.25}
+    assert spec.unknown_task(DenseMixConfig()) == "error" and not spec.from_package
+    assert DenseMixLayer.config_class is DenseMixConfig
+
+
+def test_shared_case_lists_hold_the_package_methods_then_the_probe():
+    assert method_cases.methods() == package_methods() + ["dense_mix"]
+    assert "dense_mix" in method_cases.methods(routing="token", export="distilled")
+    assert "dense_mix" not in method_cases.methods(routing="task") + method_cases.methods(package_only=True)
+    assert {"lora", "task_lora", "mtl_lora", "poly", "cpoly", "moelora", "mosld", "teamlora",
+            "hydralora"} == set(package_methods())
+
+
+def test_aux_loss_weight_comes_from_the_declared_field(tr):
+    """The recorded weight is the config field the spec names (no second source in the layer)."""
+    model = mtpeft.get_model(tr.tiny_llama(), DenseMixConfig(balance_weight=0.3, n_tasks=3))
+    tr.randomise(model)
+    model.train()
+    model(**tr.token_batch())
+    assert model.routing.aux_weights == {"dense_mix_balance": 0.3}
+
+
+def test_old_two_argument_registration_derives_the_capabilities():
+    @dataclass
+    class PlainConfig(LoraConfig):
+        method = "registry_probe_plain"
+
+    class PlainLayer(LoraLayer):
+        pass
+
+    spec = register_method(PlainConfig, PlainLayer)
+    assert (spec.routing, spec.export, spec.can_add_tasks, dict(spec.aux_losses)) == ("none", "exact", False, {})
+    assert get_method_spec("registry_probe_plain") is spec and "registry_probe_plain" not in method_cases.methods()
+
+
+def test_inconsistent_declarations_are_refused():
+    with pytest.raises(ValueError, match="routing='task' but DenseMixConfig.task_routed=False"):
+        MethodSpec(DenseMixConfig, DenseMixLayer, routing="task")
+    with pytest.raises(ValueError, match="an exact export needs a mergeable layer"):
+        MethodSpec(DenseMixConfig, DenseMixLayer, export="exact")
+    with pytest.raises(ValueError, match="'no_such_field', which is not a field of DenseMixConfig"):
+        MethodSpec(DenseMixConfig, DenseMixLayer, aux_losses={"dense_mix_balance": "no_such_field"})
+    with pytest.raises(ValueError, match="routing must be one of"):
+        MethodSpec(DenseMixConfig, DenseMixLayer, routing="sometimes")
+
+
+def test_bench_quick_layer_runs_the_probe(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    assert cli_main(["bench", "layer", "--quick", "--silent", "--methods", "dense_mix,poly", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["layer"]["rows"]
+    assert [(r["method"], r["routing"]) for r in rows] == [("dense_mix", "token"), ("poly", "task")]
+    for r in rows:
+        assert r["fast_ms"] > 0 and r["ref_vs_fast"] > 0 and r["adapter_fast_vs_lora"] > 0
+    capsys.readouterr()
+    assert cli_main(["bench", "layer", "--quick", "--silent", "--methods", "dense_mixx"]) != 0
+    assert "unknown method 'dense_mixx'. Did you mean 'dense_mix'?" in capsys.readouterr().err
