@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a few comparisons many rounds (--repeats 40)")
     p.add_argument("--methods", default=None, metavar="NAMES",
                    help="comma-separated registered methods for the layer section (default: every method with a "
-                        "sized_config; --quick: " + ",".join(QUICK_METHODS) + ")")
+                        "sized_config; --quick: " + ",".join(QUICK_METHODS) + "); the train section adds a case "
+                        "for each one it does not already have")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 2; --quick: 1, as a smoke test on a shared machine, where "
                         "two OpenMP threads competing with other jobs wait on each other)")
