@@ -95,5 +95,6 @@ SPEC = register_method(MethodSpec(
     degenerate=lambda r, alpha, dropout, **kw: DenseMixConfig(n_experts=1, r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                               **kw),
     sized_config=lambda e, r, **kw: DenseMixConfig(n_experts=e, r=r, lora_alpha=2 * r, balance_weight=0.0, **kw),
-    test_cases=(dict(n_experts=1), dict(n_experts=2), dict(n_experts=5, r=3)),
+    test_cases={"dense_mix_e1": dict(n_experts=1), "dense_mix_e2": dict(n_experts=2),
+                "dense_mix_e5_r3": dict(n_experts=5, r=3)},
 ))

@@ -82,6 +82,80 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ----------------------------------------------------------------------------------- random cases
+# Hand-written field strategies: wide ranges of each package method's own fields (a method not named
+# here is drawn from its MethodSpec.test_cases by ``_registry_fields``). Each gets (draw, n_tasks,
+# unknown, h, dropout) and returns the config fields; the draws run in the order written.
+def _lora_fields(draw, n_tasks, unknown, h, dropout, method):
+    fields = dict(r=draw(st.integers(1, 8)), lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])),
+                  lora_dropout=draw(dropout), use_rslora=draw(st.booleans()))
+    if method == "task_lora":
+        fields["n_tasks"] = n_tasks
+    return fields
+
+
+def _mtl_lora_fields(draw, n_tasks, unknown, h, dropout, method):
+    return dict(r=draw(st.integers(1, 6)), n_up=draw(st.integers(1, 4)), n_tasks=n_tasks,
+                temperature=draw(st.sampled_from([0.1, 0.5, 1.0, 2.0])), lora_dropout=draw(dropout),
+                lambda_type=draw(st.sampled_from(["full", "diagonal"])), lora_alpha=8.0,
+                unknown_task="average" if unknown else "error")
+
+
+def _poly_fields(draw, n_tasks, unknown, h, dropout, method):
+    fields = dict(r=draw(st.integers(1, 4)), n_skills=draw(st.integers(1, 4)), n_splits=h, n_tasks=n_tasks,
+                  noise_granularity=draw(st.sampled_from(["example", "task"])),
+                  unknown_task="average" if unknown else "error")
+    if method == "cpoly":
+        fields["n_exclusive"] = draw(st.integers(0, 3))
+    return fields
+
+
+def _moelora_fields(draw, n_tasks, unknown, h, dropout, method):
+    e = draw(st.integers(1, 8))
+    return dict(n_experts=e, top_k=draw(st.integers(1, e)), r=draw(st.integers(1, 4)),
+                lora_dropout=draw(dropout), contrastive_sample_size=draw(st.sampled_from([4, 64])))
+
+
+def _mosld_fields(draw, n_tasks, unknown, h, dropout, method):
+    e = draw(st.integers(1, 8))
+    return dict(expert_schedule="flat", n_experts=e, top_k=draw(st.integers(1, e)),
+                r=draw(st.integers(1, 6)), dropconnect=draw(dropout))
+
+
+def _teamlora_fields(draw, n_tasks, unknown, h, dropout, method):
+    return dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 4)), lora_dropout=draw(dropout),
+                use_interaction=draw(st.booleans()))
+
+
+def _hydralora_fields(draw, n_tasks, unknown, h, dropout, method):
+    return dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 6)), lora_dropout=draw(dropout),
+                balance_weight=0.01)
+
+
+def _registry_fields(draw, n_tasks, unknown, h, dropout, method):
+    """One of the method's MethodSpec.test_cases over its test config, with a drawn dropout and policy."""
+    spec = method_cases.spec(method)
+    overrides = {**draw(st.sampled_from(list(spec.test_cases.values()))), "n_tasks": n_tasks}
+    if "n_splits" in _field_names(method):
+        overrides["n_splits"] = h
+    cfg = spec.small_config(**overrides)
+    common = {f.name for f in dataclasses.fields(mtpeft.AdapterConfig)} - {"n_tasks"}
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in common | {"method"}}
+    if spec.unknown_task_field is not None:
+        fields[spec.unknown_task_field] = "average" if unknown else "error"
+    if "lora_dropout" in fields:
+        fields["lora_dropout"] = draw(dropout)
+    return fields
+
+
+FIELD_STRATEGIES = {"lora": _lora_fields, "task_lora": _lora_fields, "mtl_lora": _mtl_lora_fields,
+                    "poly": _poly_fields, "cpoly": _poly_fields, "moelora": _moelora_fields,
+                    "mosld": _mosld_fields, "teamlora": _teamlora_fields, "hydralora": _hydralora_fields}
+
+
+def _field_names(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(method_cases.spec(method).config_class)}
+
+
 @st.composite
 def cases(draw, method: str) -> dict:
     c = {"method": method, "seed": draw(st.integers(0, 2 ** 31 - 1))}
@@ -92,7 +166,7 @@ def cases(draw, method: str) -> dict:
     c["masked"] = c["layout"] != "2d" and draw(st.booleans())
     c["train"] = draw(st.booleans())
     dropout = st.sampled_from([0.0, 0.0, 0.1, 0.5])  # 0.5 takes torch's own dropout branch
-    if method in ("poly", "cpoly"):
+    if "n_splits" in _field_names(method):  # MHR-style splits: d_in and d_out multiples of h
         h = draw(st.sampled_from([1, 1, 2, 3, 4]))
         c["d_in"], c["d_out"] = h * draw(st.integers(1, 6)), h * draw(st.integers(1, 6))
     else:
@@ -100,46 +174,7 @@ def cases(draw, method: str) -> dict:
         c["d_in"], c["d_out"] = draw(st.integers(1, 24)), draw(st.integers(1, 20))
     n_tasks = draw(st.integers(1, 4))
     unknown = method_cases.spec(method).unknown_task_field is not None and draw(st.booleans())
-    fields: dict = {}
-    if method in ("lora", "task_lora"):
-        fields = dict(r=draw(st.integers(1, 8)), lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])),
-                      lora_dropout=draw(dropout), use_rslora=draw(st.booleans()))
-        if method == "task_lora":
-            fields["n_tasks"] = n_tasks
-    elif method == "mtl_lora":
-        fields = dict(r=draw(st.integers(1, 6)), n_up=draw(st.integers(1, 4)), n_tasks=n_tasks,
-                      temperature=draw(st.sampled_from([0.1, 0.5, 1.0, 2.0])), lora_dropout=draw(dropout),
-                      lambda_type=draw(st.sampled_from(["full", "diagonal"])), lora_alpha=8.0,
-                      unknown_task="average" if unknown else "error")
-    elif method in ("poly", "cpoly"):
-        fields = dict(r=draw(st.integers(1, 4)), n_skills=draw(st.integers(1, 4)), n_splits=h, n_tasks=n_tasks,
-                      noise_granularity=draw(st.sampled_from(["example", "task"])),
-                      unknown_task="average" if unknown else "error")
-        if method == "cpoly":
-            fields["n_exclusive"] = draw(st.integers(0, 3))
-    elif method == "moelora":
-        e = draw(st.integers(1, 8))
-        fields = dict(n_experts=e, top_k=draw(st.integers(1, e)), r=draw(st.integers(1, 4)),
-                      lora_dropout=draw(dropout), contrastive_sample_size=draw(st.sampled_from([4, 64])))
-    elif method == "mosld":
-        e = draw(st.integers(1, 8))
-        fields = dict(expert_schedule="flat", n_experts=e, top_k=draw(st.integers(1, e)),
-                      r=draw(st.integers(1, 6)), dropconnect=draw(dropout))
-    elif method == "teamlora":
-        fields = dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 4)), lora_dropout=draw(dropout),
-                      use_interaction=draw(st.booleans()))
-    elif method == "hydralora":
-        fields = dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 6)), lora_dropout=draw(dropout),
-                      balance_weight=0.01)
-    else:  # no hand-written strategy: one of the method's MethodSpec.test_cases over its test config
-        spec = method_cases.spec(method)
-        cfg = spec.small_config(**{**draw(st.sampled_from(spec.test_cases)), "n_tasks": n_tasks})
-        common = {f.name for f in dataclasses.fields(mtpeft.AdapterConfig)} - {"n_tasks"}
-        fields = {k: v for k, v in cfg.to_dict().items() if k not in common | {"method"}}
-        if spec.unknown_task_field is not None:
-            fields[spec.unknown_task_field] = "average" if unknown else "error"
-        if "lora_dropout" in fields:
-            fields["lora_dropout"] = draw(dropout)
+    fields = FIELD_STRATEGIES.get(method, _registry_fields)(draw, n_tasks, unknown, h, dropout, method)
     if method in TOKEN_ROUTED:
         fields["n_tasks"] = n_tasks  # task ids are passed too: they size the router statistics
     c["fields"] = fields

@@ -261,8 +261,9 @@ class MethodSpec:
             lora_alpha alpha and dropout p (e.g. one expert; per-task LoRA with n_tasks=1), or None.
         sized_config: ``(E, r, **overrides) -> config`` with E experts / skills / up-projections of rank r and its aux
             losses off (``mtpeft bench layer``'s grid), or None to leave the method out of that section.
-        test_cases: config overrides (over ``test_config``) that cover the method's structural choices
-            (number of experts, top-k, splits, ...): the fast-path-vs-loop and property tests run each.
+        test_cases: named config overrides (over ``test_config``) that cover the method's structural choices
+            (number of experts, top-k, splits, ...): case name -> overrides. The shared tests run each
+            (the names are their test IDs); empty means one case named after the method, its test config.
     """
 
     config_class: type
@@ -276,7 +277,7 @@ class MethodSpec:
     test_config: Callable[..., "AdapterConfig"] | None = None
     degenerate: Callable[..., "AdapterConfig"] | None = None
     sized_config: Callable[[int, int], "AdapterConfig"] | None = None
-    test_cases: tuple[Mapping[str, Any], ...] = ({},)
+    test_cases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg, layer = self.config_class, self.layer_class
@@ -309,7 +310,8 @@ class MethodSpec:
             raise ValueError(f"{cfg.method}: unknown_task_field {self.unknown_task_field!r} is not a field of "
                              f"{cfg.__name__}.")
         object.__setattr__(self, "aux_losses", MappingProxyType(dict(self.aux_losses)))
-        object.__setattr__(self, "test_cases", tuple(dict(c) for c in self.test_cases))
+        cases = {str(k): MappingProxyType(dict(v)) for k, v in self.test_cases.items()} or {cfg.method: {}}
+        object.__setattr__(self, "test_cases", MappingProxyType(cases))
 
     @property
     def name(self) -> str:

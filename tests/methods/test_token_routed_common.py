@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # ------------------------------------------------------------------------- fast path ≡ reference
 SHAPES = [(1, 1), (2, 5), (3, 7), (4, 1)]
 # method -> config overrides covering E and k: each method's MethodSpec.test_cases
-EXPERT_SETTINGS = {m: list(method_cases.spec(m).test_cases) for m in method_cases.methods(routing="token")}
+EXPERT_SETTINGS = {m: list(method_cases.spec(m).test_cases.values()) for m in method_cases.methods(routing="token")}
 
 
 def _grads(output, tensors, cotangent):

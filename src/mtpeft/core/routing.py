@@ -15,7 +15,7 @@ Pieces:
     ``switch_balance_loss``   Switch Transformer load balance E·Σ_e f_e·P_e over non-padding tokens
     ``router_statistics``     per-expert and per-task routing statistics (no_grad)
     ``task_expert_load``      the task × expert load matrix, aggregated over modules
-    ``TokenRoutedLayer``      the small base class the four layers share (flattening, masks, recording)
+    ``TokenRoutedLayer``      the small base class the token-routed layers share (flattening, masks, recording)
 
 When aux losses are built: in training mode always, and in eval mode when the forward records (a
 wrapper forward, so validation can log them; ``generate`` does not record). Why "training mode" and

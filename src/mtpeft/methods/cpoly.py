@@ -126,5 +126,5 @@ register_method(poly_spec(
     CPolyConfig, CPolyLayer,
     test_config=lambda **kw: CPolyConfig(**kw),  # its defaults are small (r=2, S=3, E=1)
     sized_config=lambda e, r, **kw: CPolyConfig(r=r, n_skills=e, **kw),
-    test_cases=({}, {"n_exclusive": 2, "n_splits": 2}),
+    test_cases={"cpoly": {}, "cpoly_e2": {"n_exclusive": 2, "n_splits": 2}},
 ))

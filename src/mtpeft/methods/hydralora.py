@@ -123,5 +123,6 @@ register_method(MethodSpec(
     degenerate=lambda r, alpha, dropout, **kw: HydraLoraConfig(n_experts=1, r=r, lora_alpha=alpha,
                                                                lora_dropout=dropout, **kw),
     sized_config=lambda e, r, **kw: HydraLoraConfig(n_experts=e, r=r, lora_alpha=2 * r, **kw),
-    test_cases=(dict(n_experts=1), dict(n_experts=2, r=3), dict(n_experts=4), dict(n_experts=7, r=1)),
+    test_cases={"hydralora_e1": dict(n_experts=1), "hydralora_e2_r3": dict(n_experts=2, r=3),
+                "hydralora_e4": dict(n_experts=4), "hydralora_e7_r1": dict(n_experts=7, r=1)},
 ))

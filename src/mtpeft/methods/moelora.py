@@ -320,6 +320,7 @@ register_method(MethodSpec(
                                                              lora_dropout=dropout, **kw),
     sized_config=lambda e, r, **kw: MoELoraConfig(n_experts=e, r=r, lora_alpha=2 * r, balance_weight=0.0,
                                             contrastive_weight=0.0, **kw),
-    test_cases=(dict(n_experts=1, top_k=1), dict(n_experts=2, top_k=1), dict(n_experts=3, top_k=2),
-                dict(n_experts=8, top_k=2), dict(n_experts=5, top_k=5)),
+    test_cases={"moelora_e1_k1": dict(n_experts=1, top_k=1), "moelora_e2_k1": dict(n_experts=2, top_k=1),
+                "moelora_e3_k2": dict(n_experts=3, top_k=2), "moelora_e8_k2": dict(n_experts=8, top_k=2),
+                "moelora_e5_k5": dict(n_experts=5, top_k=5)},
 ))

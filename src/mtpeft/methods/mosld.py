@@ -174,7 +174,9 @@ register_method(MethodSpec(
                                                            lora_alpha=alpha, dropconnect=dropout, **kw),
     sized_config=lambda e, r, **kw: MoSLDConfig(expert_schedule="flat", n_experts=e, r=r, lora_alpha=2 * r,
                                           balance_weight=0.0, **kw),
-    test_cases=(dict(expert_schedule="flat", n_experts=1, top_k=1), dict(expert_schedule="flat", n_experts=3, top_k=2),
-                dict(expert_schedule="flat", n_experts=8, top_k=2), dict(expert_schedule="flat", n_experts=4, top_k=4),
-                dict(expert_schedule="increasing", top_k=2)),
+    test_cases={"mosld_flat_e1_k1": dict(expert_schedule="flat", n_experts=1, top_k=1),
+                "mosld_flat_e3_k2": dict(expert_schedule="flat", n_experts=3, top_k=2),
+                "mosld_flat_e8_k2": dict(expert_schedule="flat", n_experts=8, top_k=2),
+                "mosld_flat_e4_k4": dict(expert_schedule="flat", n_experts=4, top_k=4),
+                "mosld_increasing_k2": dict(expert_schedule="increasing", top_k=2)},
 ))

@@ -185,5 +185,5 @@ register_method(MethodSpec(
     unknown_task_field="unknown_task",
     test_config=lambda **kw: MTLLoraConfig(**{"r": 4, "n_up": 3, "lora_dropout": 0.0, **kw}),
     sized_config=lambda e, r, **kw: MTLLoraConfig(r=r, n_up=e, lora_dropout=0.0, **kw),
-    test_cases=({}, {"n_up": 2, "lambda_type": "diagonal"}),
+    test_cases={"mtl_lora": {}, "mtl_lora_diag": {"n_up": 2, "lambda_type": "diagonal"}},
 ))

@@ -215,5 +215,5 @@ register_method(poly_spec(
     PolyConfig, PolyLayer,
     test_config=lambda **kw: PolyConfig(**{"r": 4, "n_skills": 3, **kw}),
     sized_config=lambda e, r, **kw: PolyConfig(r=r, n_skills=e, **kw),
-    test_cases=({}, {"n_splits": 2}),  # n_splits > 1 is MHR
+    test_cases={"poly": {}, "mhr": {"n_splits": 2}},  # n_splits > 1 is MHR
 ))
