@@ -73,7 +73,8 @@ class DenseMixLayer(TokenRoutedLayer):
         if self._wants_aux(route) and self.config.balance_weight > 0:
             self._record_aux("dense_mix_balance", switch_balance_loss(probs, selected, 1, weight))
         self._record_stats(route, lead, probs, probs, selected, 1, weight)
-        return gate_shared_block(z, probs, self.scaling), self.lora_B.view(-1, self.out_features)  # (N, E·r), (E·r, d_out)
+        # (N, E·r) gated copies of z, (E·r, d_out) every B_e stacked: the base layer adds their product
+        return gate_shared_block(z, probs, self.scaling), self.lora_B.view(-1, self.out_features)
 
     def expert_gates(self, x2d: torch.Tensor) -> torch.Tensor:
         return self.gates(x2d)

@@ -135,7 +135,8 @@ def test_choice_scores_equal_the_full_log_softmax(method, smollm2_tokenizer, one
     batch = collate.choice_batch(example)
     prompt = shared_prompt_length(batch, batch["labels"])
     assert prompt is not None and calls == [(1, prompt), (3, batch["input_ids"].shape[1] - prompt)]
-    if method_cases.spec(method).routing == "token":  # each real token routed once: the prompt once, then each option's own tokens
+    if method_cases.spec(method).routing == "token":
+        # each real token routed once: the prompt once, then each option's own tokens
         stats = next(iter(routing.stats.values()))
         assert int(stats["tokens"]) == prompt + int(batch["attention_mask"][:, prompt:].sum())
 

@@ -257,13 +257,13 @@ class MethodSpec:
             ("error" or "average"), or None when the method has no such option (always "error").
         test_config: ``(**overrides) -> config``: a small config for the tiny test models (hidden
             size 32). Tests pass n_tasks and any field they vary.
-        degenerate: ``(r, alpha, dropout, **overrides) -> config`` whose model equals plain LoRA of rank r,
-            lora_alpha alpha and dropout p (e.g. one expert; per-task LoRA with n_tasks=1), or None.
-        sized_config: ``(E, r, **overrides) -> config`` with E experts / skills / up-projections of rank r and its aux
-            losses off (``mtpeft bench layer``'s grid), or None to leave the method out of that section.
-        test_cases: named config overrides (over ``test_config``) that cover the method's structural choices
-            (number of experts, top-k, splits, ...): case name -> overrides. The shared tests run each
-            (the names are their test IDs); empty means one case named after the method, its test config.
+        degenerate: ``(r, alpha, dropout, **overrides) -> config`` whose model equals plain LoRA of
+            rank r, lora_alpha alpha and dropout p (e.g. one expert; per-task LoRA with n_tasks=1), or None.
+        sized_config: ``(E, r, **overrides) -> config`` with E experts / skills / up-projections of rank
+            r and its aux losses off (``mtpeft bench layer``'s grid), or None to leave the method out.
+        test_cases: named config overrides (over ``test_config``) that cover the method's structural
+            choices (number of experts, top-k, splits, ...): case name -> overrides. The shared tests run
+            each (the names are their test IDs); empty means one case named after the method.
     """
 
     config_class: type
@@ -276,7 +276,7 @@ class MethodSpec:
     unknown_task_field: str | None = None
     test_config: Callable[..., "AdapterConfig"] | None = None
     degenerate: Callable[..., "AdapterConfig"] | None = None
-    sized_config: Callable[[int, int], "AdapterConfig"] | None = None
+    sized_config: Callable[..., "AdapterConfig"] | None = None
     test_cases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -301,6 +301,8 @@ class MethodSpec:
         if (self.export == "exact") != bool(layer.mergeable):
             raise ValueError(f"{cfg.method}: export={self.export!r} but {layer.__name__}.mergeable="
                              f"{layer.mergeable}; an exact export needs a mergeable layer (lora_factors).")
+        if self.can_add_tasks and not callable(getattr(layer, "add_tasks", None)):
+            raise ValueError(f"{cfg.method}: can_add_tasks=True but {layer.__name__} has no add_tasks(n).")
         names = {f.name for f in dataclasses.fields(cfg)}
         for loss, weight_field in self.aux_losses.items():
             if weight_field not in names:

@@ -64,6 +64,8 @@ def test_inconsistent_declarations_are_refused():
         MethodSpec(DenseMixConfig, DenseMixLayer, export="exact")
     with pytest.raises(ValueError, match="'no_such_field', which is not a field of DenseMixConfig"):
         MethodSpec(DenseMixConfig, DenseMixLayer, aux_losses={"dense_mix_balance": "no_such_field"})
+    with pytest.raises(ValueError, match="can_add_tasks=True but DenseMixLayer has no add_tasks"):
+        MethodSpec(DenseMixConfig, DenseMixLayer, can_add_tasks=True)
     with pytest.raises(ValueError, match="routing must be one of"):
         MethodSpec(DenseMixConfig, DenseMixLayer, routing="sometimes")
 

@@ -1,8 +1,8 @@
 """Invariants shared by the token-routed methods (every method registered with routing="token", from
-tests/method_cases.py), each test run for each of them through the ``method`` fixture: fast path ≡ loop reference (outputs and every gradient),
-zero init, frozen base, E=1 ≡ LoRA, closed-form parameter counts, aux losses, padding, router
-statistics, merge / export errors, save / load, generation, a short training run, and gradient
-checkpointing."""
+tests/method_cases.py), each test run for each of them through the ``method`` fixture: fast path ≡ loop
+reference (outputs and every gradient), zero init, frozen base, E=1 ≡ LoRA, closed-form parameter
+counts, aux losses, padding, router statistics, merge / export errors, save / load, generation, a short
+training run, and gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def _copy_into_lora(tr_model, lora_model, method):
     with torch.no_grad():
         for (name, layer), (lname, lora) in zip(tr_model.adapted_layers(), lora_model.adapted_layers()):
             assert name == lname
-            a = layer.lora_A[0] if layer.lora_A.dim() == 3 else layer.lora_A  # (r, d_in): one expert's own A, or the shared A
+            a = layer.lora_A[0] if layer.lora_A.dim() == 3 else layer.lora_A  # (r, d_in): own A, or the shared A
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(layer.lora_B[0].T)  # (r, d_out) -> (d_out, r)
 

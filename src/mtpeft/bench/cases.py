@@ -165,8 +165,8 @@ def mosld_equal_rank(base) -> int:
 
 
 def registry_variants(names: list[str], have: set[str]) -> list[Variant]:
-    """A case for each registered method in ``names`` that the curated list (``_curated_variants``) does not hold (e.g. one a user
-    or a test registered, named with ``--methods``): its config at its defaults, mixed task batches,
+    """A case for each registered method in ``names`` that the curated list (``_curated_variants``) does
+    not hold (e.g. one a user or a test registered, named with ``--methods``): its config at its defaults, mixed task batches,
     compared with our LoRA r=8."""
     from ..config import get_method_spec
 

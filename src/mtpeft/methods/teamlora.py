@@ -170,6 +170,6 @@ register_method(MethodSpec(
     degenerate=lambda r, alpha, dropout, **kw: TeamLoraConfig(n_experts=1, r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                               **kw),
     sized_config=lambda e, r, **kw: TeamLoraConfig(n_experts=e, r=r, lora_alpha=2 * r, balance_weight=0.0, **kw),
-    test_cases={"teamlora_e1": dict(n_experts=1), "teamlora_e3": dict(n_experts=3), "teamlora_e4_r2": dict(n_experts=4, r=2),
-                "teamlora_e6_no_interaction": dict(n_experts=6, use_interaction=False)},
+    test_cases={"teamlora_e1": dict(n_experts=1), "teamlora_e3": dict(n_experts=3),
+                "teamlora_e4_r2": dict(n_experts=4, r=2), "teamlora_e6_no_interaction": dict(n_experts=6, use_interaction=False)},
 ))
