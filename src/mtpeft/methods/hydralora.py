@@ -36,8 +36,9 @@ class HydraLoraConfig(LowRankConfig):
     method = "hydralora"
 
     n_experts: int = field_help("number of B heads E", 4)
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank of the shared A and of every B_e", 8)
-    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r", 16)
     lora_dropout: float = field_help("dropout on the adapter input x", 0.05)
     balance_weight: float = field_help(
         "weight of an optional Switch balance loss 'hydralora_balance' (0: off, as in the paper)", 0.0)

@@ -63,6 +63,8 @@ class MoELoraConfig(LowRankConfig):
 
     n_experts: int = field_help("number of LoRA experts E per adapted layer", 8)
     top_k: int = field_help("experts per token; the kept router weights are renormalised to sum 1", 2)
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank r_e of each expert (equal budget with LoRA-r: E·r_e = r)", 4)
     lora_alpha: float = field_help("scale numerator: s = lora_alpha / r (the paper: α = 2·r_e)", 8)
     lora_dropout: float = field_help("dropout on the adapter input x (one mask shared by all experts)", 0.05)
@@ -319,7 +321,7 @@ register_method(MethodSpec(
     degenerate=lambda r, alpha, dropout, **kw: MoELoraConfig(n_experts=1, top_k=1, r=r, lora_alpha=alpha,
                                                              lora_dropout=dropout, **kw),
     sized_config=lambda e, r, **kw: MoELoraConfig(n_experts=e, r=r, lora_alpha=2 * r, balance_weight=0.0,
-                                            contrastive_weight=0.0, **kw),
+                                                  contrastive_weight=0.0, **kw),
     test_cases={"moelora_e1_k1": dict(n_experts=1, top_k=1), "moelora_e2_k1": dict(n_experts=2, top_k=1),
                 "moelora_e3_k2": dict(n_experts=3, top_k=2), "moelora_e8_k2": dict(n_experts=8, top_k=2),
                 "moelora_e5_k5": dict(n_experts=5, top_k=5)},

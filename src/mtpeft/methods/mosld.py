@@ -52,7 +52,7 @@ class MoSLDConfig(ScaledRankConfig):
 
     method = "mosld"
 
-    r: int = field_help("rank of the shared A and of every B_e", 8)
+    r: int = field_help("rank of the shared A and of every B_e", 8)  # redeclared for its help (ScaledRankConfig)
     top_k: int = field_help("experts per token; the kept router weights are renormalised to sum 1", 2)
     dropconnect: float = field_help("DropConnect probability p on the shared A's weights (0 = MoSL)", 0.1)
     expert_schedule: str = field_help(
@@ -173,7 +173,7 @@ register_method(MethodSpec(
     degenerate=lambda r, alpha, dropout, **kw: MoSLDConfig(expert_schedule="flat", n_experts=1, top_k=1, r=r,
                                                            lora_alpha=alpha, dropconnect=dropout, **kw),
     sized_config=lambda e, r, **kw: MoSLDConfig(expert_schedule="flat", n_experts=e, r=r, lora_alpha=2 * r,
-                                          balance_weight=0.0, **kw),
+                                                balance_weight=0.0, **kw),
     test_cases={"mosld_flat_e1_k1": dict(expert_schedule="flat", n_experts=1, top_k=1),
                 "mosld_flat_e3_k2": dict(expert_schedule="flat", n_experts=3, top_k=2),
                 "mosld_flat_e8_k2": dict(expert_schedule="flat", n_experts=8, top_k=2),

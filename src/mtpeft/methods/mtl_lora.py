@@ -56,6 +56,8 @@ class MTLLoraConfig(LowRankConfig):
     task_routed = True
     default_targets = "attention_all"
 
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank of the shared down-projection A and of Λ_t", 8)
     lora_dropout: float = field_help("dropout on the adapter input x", 0.05)
     n_up: int = field_help("n: number of up-projections B^1..B^n shared by all tasks", 3)

@@ -51,6 +51,8 @@ class TeamLoraConfig(LowRankConfig):
     default_targets = "mlp"
 
     n_experts: int = field_help("number of experts E; the shared A has rank r_A = E·r", 4)
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank r_B of each expert's B (and of each block of the shared A)", 8)
     lora_alpha: float = field_help("scale numerator: s = lora_alpha / r (per-expert rank)", 16)
     lora_dropout: float = field_help("dropout on z = A x (after A, not on x)", 0.05)
