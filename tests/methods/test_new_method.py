@@ -93,3 +93,24 @@ def test_bench_quick_train_adds_the_probe(tmp_path):
     assert train["dense_mix"]["routing"] == "token" and train["dense_mix"]["lora_ref"] == "lora_r8"
     assert train["dense_mix"]["vs_floor"] > 0 and train["dense_mix"]["vs_equal_rank_lora"] > 0
     assert {"lora_r8", "moelora", "task_lora"} <= set(train)  # the curated quick cases stay
+
+
+def test_routing_report_reads_the_task_table_from_the_spec(tr):
+    """routing_summary's task x skill matrix comes from MethodSpec.task_table: for Poly, the eval-mode
+    weights sigmoid(Z_t) / Σ_s sigmoid(Z_t,s) averaged over modules; a method without a table (LoRA, or a
+    token-routed one with no router statistics) has nothing to show."""
+    import torch
+
+    from mtpeft.routing_report import routing_summary
+
+    poly = mtpeft.get_model(tr.tiny_llama(), method_cases.config("poly", n_tasks=3))
+    tr.randomise(poly)
+    names = ["a", "b", "c"]
+    summary = routing_summary(poly.eval(), None, names)
+    v = [torch.sigmoid(layer.module_logits.detach().float()) for _, layer in poly.adapted_layers()]  # (T, S) each
+    expected = torch.stack([x / x.sum(-1, keepdim=True) for x in v]).mean(0)
+    assert summary["kind"] == "task" and summary["rows"] == names and len(summary["cols"]) == 3
+    torch.testing.assert_close(torch.tensor(summary["matrix"]), expected)
+    for method in ("lora", "dense_mix"):
+        assert routing_summary(mtpeft.get_model(tr.tiny_llama(), method_cases.config(method, n_tasks=3)), None,
+                               names) is None
