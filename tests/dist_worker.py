@@ -40,8 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 N_TASKS = 3
-METHOD_CONFIGS = {
-    # small ranks; top_k=1 over 4 experts so that some experts get no token in a step
+METHOD_OVERRIDES = {
+    # small ranks; top_k=1 over 4 experts so that some experts get no token in a step (a method not
+    # named here runs at its defaults)
     "lora": dict(r=4, lora_dropout=0.1),
     "task_lora": dict(r=4, lora_dropout=0.1),
     "mtl_lora": dict(r=4, n_up=3, lora_dropout=0.1),
@@ -52,6 +53,16 @@ METHOD_CONFIGS = {
     "teamlora": dict(r=2, n_experts=4, lora_dropout=0.1),
     "hydralora": dict(r=4, n_experts=4, lora_dropout=0.1),
 }
+
+
+def _package_methods() -> list[str]:
+    from mtpeft.config import package_methods
+
+    return package_methods()
+
+
+# Every method the package registers (the registry, not a hand-kept list), with the overrides above.
+METHOD_CONFIGS = {m: METHOD_OVERRIDES.get(m, {}) for m in _package_methods()}
 # Global batches of 4 rows; rank 0 takes rows 0-1, rank 1 rows 2-3. Task 2 never appears in the
 # first step, task 0 is absent from rank 1 in the second, rank 0 sees only task 1 in the third.
 TASK_IDS = [[0, 1, 0, 1], [0, 2, 1, 1], [1, 1, 0, 2]]
@@ -244,7 +255,7 @@ def ddp_methods(out: Path) -> None:
     destroy_distributed()
 
 
-FSDP_METHODS = ["lora", "task_lora", "mtl_lora", "poly", "cpoly", "moelora", "mosld", "teamlora", "hydralora"]
+FSDP_METHODS = list(METHOD_CONFIGS)  # every package method
 
 
 def fsdp2(out: Path) -> None:

@@ -16,22 +16,24 @@ import pytest
 import torch
 import torch._dynamo
 
+import method_cases
 import mtpeft
 from tiny_models import batch_for, tiny_llama
 
 N_TASKS = 3
-METHODS = {
-    "lora": lambda: mtpeft.LoraConfig(r=4, lora_dropout=0.1),
-    "task_lora": lambda: mtpeft.TaskLoraConfig(r=4, lora_dropout=0.1, n_tasks=N_TASKS),
-    "mtl_lora": lambda: mtpeft.MTLLoraConfig(n_tasks=N_TASKS),
-    "poly": lambda: mtpeft.PolyConfig(n_tasks=N_TASKS),
-    "mhr": lambda: mtpeft.PolyConfig(n_splits=2, n_tasks=N_TASKS),
-    "cpoly": lambda: mtpeft.CPolyConfig(n_tasks=N_TASKS),
-    "moelora": lambda: mtpeft.MoELoraConfig(n_tasks=N_TASKS),
-    "mosld": lambda: mtpeft.MoSLDConfig(n_tasks=N_TASKS),
-    "teamlora": lambda: mtpeft.TeamLoraConfig(n_tasks=N_TASKS),
-    "hydralora": lambda: mtpeft.HydraLoraConfig(n_tasks=N_TASKS),
-}
+# Every registered method (tests/method_cases.py) at its defaults, with these overrides (dropout on, so the
+# compiled graph draws masks too), plus MHR (Poly with splits).
+OVERRIDES = {"lora": dict(r=4, lora_dropout=0.1), "task_lora": dict(r=4, lora_dropout=0.1)}
+VARIANTS = {"mhr": ("poly", dict(n_splits=2))}
+
+
+def _config_factory(method: str, **overrides):
+    cls = method_cases.spec(method).config_class
+    return lambda: cls(**{**OVERRIDES.get(method, {}), **overrides, "n_tasks": N_TASKS})
+
+
+METHODS = {m: _config_factory(m) for m in method_cases.methods()}
+METHODS.update({name: _config_factory(m, **kw) for name, (m, kw) in VARIANTS.items()})
 TOLERANCE = {"aot_eager": dict(atol=1e-6, rtol=1e-5), "inductor": dict(atol=1e-4, rtol=1e-3)}
 
 

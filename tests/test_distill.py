@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+import method_cases
 import mtpeft
 from mtpeft.distill import LayerStatistics, data_norm_truncate, output_error, ridge_value
 from tiny_models import VOCAB, tiny_llama
@@ -24,18 +25,35 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-TOKEN_ROUTED = {
+CHOSEN = {
     "moelora": lambda **kw: mtpeft.MoELoraConfig(**{"n_experts": 4, "top_k": 2, "r": 2, "n_tasks": 2, **kw}),
     "mosld": lambda **kw: mtpeft.MoSLDConfig(**{"r": 2, "n_tasks": 2, **kw}),  # per-layer E: 2 and 6
     "teamlora": lambda **kw: mtpeft.TeamLoraConfig(**{"n_experts": 3, "r": 2, "n_tasks": 2, **kw}),
     "hydralora": lambda **kw: mtpeft.HydraLoraConfig(**{"n_experts": 3, "r": 2, "n_tasks": 2, **kw}),
 }
-ONE_EXPERT = {
+CHOSEN_ONE_EXPERT = {
     "moelora": dict(n_experts=1, top_k=1),
     "mosld": dict(expert_schedule="flat", n_experts=1, top_k=1),
     "teamlora": dict(n_experts=1),
     "hydralora": dict(n_experts=1),
 }
+
+
+def _registry_config(method: str):
+    spec = method_cases.spec(method)
+    return lambda **kw: spec.small_config(**{"n_tasks": 2, **kw})
+
+
+# Every registered method with a distilled export (tests/method_cases.py); these four with the configs above,
+# the others with their MethodSpec.test_config.
+TOKEN_ROUTED = {m: CHOSEN.get(m) or _registry_config(m) for m in method_cases.methods(export="distilled")}
+
+
+def one_expert_config(method: str):
+    """The method's one-expert config (plain LoRA in disguise): the overrides above, or MethodSpec.degenerate."""
+    if method in CHOSEN_ONE_EXPERT:
+        return TOKEN_ROUTED[method](**CHOSEN_ONE_EXPERT[method])
+    return method_cases.spec(method).degenerate(2, 4.0, 0.0, n_tasks=2)
 
 
 def batches(n: int, seed: int, size: int = 4, seq: int = 12, task_ids: bool = True) -> list[dict]:
@@ -162,7 +180,7 @@ def test_fidelity_json_matches_a_recomputation_from_stored_rows(tmp_path):
         assert 0 < expected < 1  # distillation is not exact for a router mixture, and not useless
 
 
-# -------------------------------------------------------------------------------- the four methods
+# -------------------------------------------------------------------------------- every distilled method
 
 
 @pytest.mark.parametrize("method", sorted(TOKEN_ROUTED))
@@ -195,7 +213,7 @@ def test_expert_factors_and_gates_give_the_layer_update(method):
 
 @pytest.mark.parametrize("method", sorted(TOKEN_ROUTED))
 def test_routing_folded_with_one_expert_is_the_exact_lora(method, tmp_path):
-    model = wrap(TOKEN_ROUTED[method](**ONE_EXPERT[method]))
+    model = wrap(one_expert_config(method))
     result = model.distill_lora(tmp_path / "out", batches(3, seed=0), mode="routing_folded")
     probe = batches(1, seed=5)[0]
     with torch.no_grad():

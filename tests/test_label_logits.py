@@ -1,10 +1,13 @@
 """Logits only at the labelled positions (mtpeft.label_logits): the loss, its gradients and the choice
 scores equal the full-logits computation, while the vocabulary projection sees only those positions."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
+import method_cases
 import mtpeft
 from mtpeft.data import IGNORE_INDEX, CausalLMCollator
 from mtpeft.evaluate import choice_log_likelihoods, shared_prompt_length
@@ -14,9 +17,21 @@ from mtpeft.trainer import MultiTaskTrainer
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-CONFIGS = {"lora": lambda: mtpeft.LoraConfig(r=4, lora_dropout=0.0),
-           "moelora": lambda: mtpeft.MoELoraConfig(lora_dropout=0.0),
-           "mtl_lora": lambda: mtpeft.MTLLoraConfig(n_tasks=3, lora_dropout=0.0)}
+CHOSEN = {"lora": lambda: mtpeft.LoraConfig(r=4, lora_dropout=0.0),
+          "moelora": lambda: mtpeft.MoELoraConfig(lora_dropout=0.0),
+          "mtl_lora": lambda: mtpeft.MTLLoraConfig(n_tasks=3, lora_dropout=0.0)}
+
+
+def _registry_config(method: str):
+    """A registered method's test config with its dropout off (the two passes compared must match)."""
+    spec = method_cases.spec(method)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    off = {k: 0.0 for k in ("lora_dropout", "dropconnect") if k in fields}
+    return lambda: spec.small_config(n_tasks=3, **off)
+
+
+# Every registered method (tests/method_cases.py); these three with the configs chosen above.
+CONFIGS = {m: CHOSEN.get(m) or _registry_config(m) for m in method_cases.methods()}
 
 
 def answer_batch(seed=0, batch=4, seq=20):
@@ -120,7 +135,8 @@ def test_choice_scores_equal_the_full_log_softmax(method, smollm2_tokenizer, one
     batch = collate.choice_batch(example)
     prompt = shared_prompt_length(batch, batch["labels"])
     assert prompt is not None and calls == [(1, prompt), (3, batch["input_ids"].shape[1] - prompt)]
-    if method == "moelora":  # each real token routed once: the prompt once, then each option's own tokens
+    if method_cases.spec(method).routing == "token":
+        # each real token routed once: the prompt once, then each option's own tokens
         stats = next(iter(routing.stats.values()))
         assert int(stats["tokens"]) == prompt + int(batch["attention_mask"][:, prompt:].sum())
 

@@ -40,6 +40,7 @@ the real tokens only (``test_balance_losses_ignore_padding``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter, defaultdict
@@ -50,6 +51,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import method_cases
 import mtpeft
 from mtpeft.config import get_config_class, get_layer_class
 from mtpeft.core.context import RoutingState
@@ -60,8 +62,9 @@ EXAMPLES: Counter = Counter()
 RATIOS: dict = defaultdict(list)  # bf16 error / allowed error per kind, to calibrate BF16_FACTOR
 MIN_EXAMPLES = 500
 
-TASK_ROUTED = ["lora", "task_lora", "mtl_lora", "poly", "cpoly"]
-TOKEN_ROUTED = ["moelora", "mosld", "teamlora", "hydralora"]
+# Every registered method (tests/method_cases.py: the package's, then the test-defined ones).
+TOKEN_ROUTED = method_cases.methods(routing="token")
+TASK_ROUTED = [m for m in method_cases.methods() if m not in TOKEN_ROUTED]  # LoRA and the task-routed ones
 METHODS = TASK_ROUTED + TOKEN_ROUTED
 PER_METHOD = {torch.float32: 64, torch.bfloat16: 48}  # 9 methods x 112 = 1008 cases
 
@@ -79,6 +82,80 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ----------------------------------------------------------------------------------- random cases
+# Hand-written field strategies: wide ranges of each package method's own fields (a method not named
+# here is drawn from its MethodSpec.test_cases by ``_registry_fields``). Each gets (draw, n_tasks,
+# unknown, h, dropout) and returns the config fields; the draws run in the order written.
+def _lora_fields(draw, n_tasks, unknown, h, dropout, method):
+    fields = dict(r=draw(st.integers(1, 8)), lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])),
+                  lora_dropout=draw(dropout), use_rslora=draw(st.booleans()))
+    if method == "task_lora":
+        fields["n_tasks"] = n_tasks
+    return fields
+
+
+def _mtl_lora_fields(draw, n_tasks, unknown, h, dropout, method):
+    return dict(r=draw(st.integers(1, 6)), n_up=draw(st.integers(1, 4)), n_tasks=n_tasks,
+                temperature=draw(st.sampled_from([0.1, 0.5, 1.0, 2.0])), lora_dropout=draw(dropout),
+                lambda_type=draw(st.sampled_from(["full", "diagonal"])), lora_alpha=8.0,
+                unknown_task="average" if unknown else "error")
+
+
+def _poly_fields(draw, n_tasks, unknown, h, dropout, method):
+    fields = dict(r=draw(st.integers(1, 4)), n_skills=draw(st.integers(1, 4)), n_splits=h, n_tasks=n_tasks,
+                  noise_granularity=draw(st.sampled_from(["example", "task"])),
+                  unknown_task="average" if unknown else "error")
+    if method == "cpoly":
+        fields["n_exclusive"] = draw(st.integers(0, 3))
+    return fields
+
+
+def _moelora_fields(draw, n_tasks, unknown, h, dropout, method):
+    e = draw(st.integers(1, 8))
+    return dict(n_experts=e, top_k=draw(st.integers(1, e)), r=draw(st.integers(1, 4)),
+                lora_dropout=draw(dropout), contrastive_sample_size=draw(st.sampled_from([4, 64])))
+
+
+def _mosld_fields(draw, n_tasks, unknown, h, dropout, method):
+    e = draw(st.integers(1, 8))
+    return dict(expert_schedule="flat", n_experts=e, top_k=draw(st.integers(1, e)),
+                r=draw(st.integers(1, 6)), dropconnect=draw(dropout))
+
+
+def _teamlora_fields(draw, n_tasks, unknown, h, dropout, method):
+    return dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 4)), lora_dropout=draw(dropout),
+                use_interaction=draw(st.booleans()))
+
+
+def _hydralora_fields(draw, n_tasks, unknown, h, dropout, method):
+    return dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 6)), lora_dropout=draw(dropout),
+                balance_weight=0.01)
+
+
+def _registry_fields(draw, n_tasks, unknown, h, dropout, method):
+    """One of the method's MethodSpec.test_cases over its test config, with a drawn dropout and policy."""
+    spec = method_cases.spec(method)
+    overrides = {**draw(st.sampled_from(list(spec.test_cases.values()))), "n_tasks": n_tasks}
+    if "n_splits" in _field_names(method):
+        overrides["n_splits"] = h
+    cfg = spec.small_config(**overrides)
+    common = {f.name for f in dataclasses.fields(mtpeft.AdapterConfig)} - {"n_tasks"}
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in common | {"method"}}
+    if spec.unknown_task_field is not None:
+        fields[spec.unknown_task_field] = "average" if unknown else "error"
+    if "lora_dropout" in fields:
+        fields["lora_dropout"] = draw(dropout)
+    return fields
+
+
+FIELD_STRATEGIES = {"lora": _lora_fields, "task_lora": _lora_fields, "mtl_lora": _mtl_lora_fields,
+                    "poly": _poly_fields, "cpoly": _poly_fields, "moelora": _moelora_fields,
+                    "mosld": _mosld_fields, "teamlora": _teamlora_fields, "hydralora": _hydralora_fields}
+
+
+def _field_names(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(method_cases.spec(method).config_class)}
+
+
 @st.composite
 def cases(draw, method: str) -> dict:
     c = {"method": method, "seed": draw(st.integers(0, 2 ** 31 - 1))}
@@ -89,45 +166,15 @@ def cases(draw, method: str) -> dict:
     c["masked"] = c["layout"] != "2d" and draw(st.booleans())
     c["train"] = draw(st.booleans())
     dropout = st.sampled_from([0.0, 0.0, 0.1, 0.5])  # 0.5 takes torch's own dropout branch
-    if method in ("poly", "cpoly"):
+    if "n_splits" in _field_names(method):  # MHR-style splits: d_in and d_out multiples of h
         h = draw(st.sampled_from([1, 1, 2, 3, 4]))
         c["d_in"], c["d_out"] = h * draw(st.integers(1, 6)), h * draw(st.integers(1, 6))
     else:
         h = 1
         c["d_in"], c["d_out"] = draw(st.integers(1, 24)), draw(st.integers(1, 20))
     n_tasks = draw(st.integers(1, 4))
-    unknown = method in ("mtl_lora", "poly", "cpoly") and draw(st.booleans())
-    fields: dict = {}
-    if method in ("lora", "task_lora"):
-        fields = dict(r=draw(st.integers(1, 8)), lora_alpha=draw(st.sampled_from([1.0, 8.0, 16.0])),
-                      lora_dropout=draw(dropout), use_rslora=draw(st.booleans()))
-        if method == "task_lora":
-            fields["n_tasks"] = n_tasks
-    elif method == "mtl_lora":
-        fields = dict(r=draw(st.integers(1, 6)), n_up=draw(st.integers(1, 4)), n_tasks=n_tasks,
-                      temperature=draw(st.sampled_from([0.1, 0.5, 1.0, 2.0])), lora_dropout=draw(dropout),
-                      lambda_type=draw(st.sampled_from(["full", "diagonal"])), lora_alpha=8.0,
-                      unknown_task="average" if unknown else "error")
-    elif method in ("poly", "cpoly"):
-        fields = dict(r=draw(st.integers(1, 4)), n_skills=draw(st.integers(1, 4)), n_splits=h, n_tasks=n_tasks,
-                      noise_granularity=draw(st.sampled_from(["example", "task"])),
-                      unknown_task="average" if unknown else "error")
-        if method == "cpoly":
-            fields["n_exclusive"] = draw(st.integers(0, 3))
-    elif method == "moelora":
-        e = draw(st.integers(1, 8))
-        fields = dict(n_experts=e, top_k=draw(st.integers(1, e)), r=draw(st.integers(1, 4)),
-                      lora_dropout=draw(dropout), contrastive_sample_size=draw(st.sampled_from([4, 64])))
-    elif method == "mosld":
-        e = draw(st.integers(1, 8))
-        fields = dict(expert_schedule="flat", n_experts=e, top_k=draw(st.integers(1, e)),
-                      r=draw(st.integers(1, 6)), dropconnect=draw(dropout))
-    elif method == "teamlora":
-        fields = dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 4)), lora_dropout=draw(dropout),
-                      use_interaction=draw(st.booleans()))
-    elif method == "hydralora":
-        fields = dict(n_experts=draw(st.integers(1, 6)), r=draw(st.integers(1, 6)), lora_dropout=draw(dropout),
-                      balance_weight=0.01)
+    unknown = method_cases.spec(method).unknown_task_field is not None and draw(st.booleans())
+    fields = FIELD_STRATEGIES.get(method, _registry_fields)(draw, n_tasks, unknown, h, dropout, method)
     if method in TOKEN_ROUTED:
         fields["n_tasks"] = n_tasks  # task ids are passed too: they size the router statistics
     c["fields"] = fields
@@ -382,18 +429,18 @@ def _balance_reference(layer, x2d: torch.Tensor, real: torch.Tensor) -> torch.Te
         total = torch.where(total >= 0, total.clamp_min(eps), total.clamp_max(-eps))
         w = e * psi / total
         return ((w.mean(0) - 1.0) ** 2).mean()
-    k = 1 if cfg.method == "hydralora" else layer.top_k
+    k = getattr(layer, "top_k", 1)  # dense routers (HydraLoRA) count each token's largest gate
     chosen = torch.zeros_like(probs)
     chosen.scatter_(-1, probs.topk(k, dim=-1).indices, 1.0)
     f = chosen.mean(0) / k  # share of the routed slots
     return e * (f * probs.mean(0)).sum()
 
 
-BALANCE = {"moelora": "moelora_balance", "mosld": "mosld_balance", "teamlora": "teamlora_balance",
-           "hydralora": "hydralora_balance"}
+# method -> its balance loss (the declared aux loss named *_balance), for every token-routed method with one
+BALANCE = {m: n for m in TOKEN_ROUTED for n in method_cases.spec(m).aux_losses if n.endswith("_balance")}
 
 
-@pytest.mark.parametrize("method", TOKEN_ROUTED)
+@pytest.mark.parametrize("method", list(BALANCE))
 def test_balance_losses_ignore_padding(method):
     """The recorded balance loss of a padded batch equals the loop formula on its real tokens alone, and
     padding tokens get no gradient from it."""

@@ -34,6 +34,7 @@ from typing import Iterable
 
 import torch
 
+from .config import spec_of
 from .core.context import Route
 from .core.layer import AdaptedLayer
 from .core.routing import token_task_ids
@@ -123,7 +124,7 @@ def collect_statistics(model, batches: Iterable[dict], task: int | None = None) 
         quiet = Route(route.row_task_ids, route.token_mask, record=False)
         y = layer.adapter_forward(x.to(layer.adapter_dtype), quiet)  # (..., d_out)
         x2d = x.reshape(-1, x.shape[-1])[keep]  # (N, d_in)
-        gates = layer.expert_gates(x2d.to(layer.adapter_dtype)) if hasattr(layer, "expert_gates") else None
+        gates = layer.expert_gates(x2d.to(layer.adapter_dtype)) if distilled(layer) else None
         stats[layer.module_name].add(x2d, y.reshape(-1, y.shape[-1])[keep], gates)
 
     handles = [layer.register_forward_hook(hook) for _, layer in layers]
@@ -186,10 +187,16 @@ def output_error(a: torch.Tensor, b: torch.Tensor, stats: LayerStatistics) -> fl
     return math.sqrt(err / stats.output_sq)
 
 
+def distilled(layer: AdaptedLayer) -> bool:
+    """Whether the layer's method ships through this distillation (its MethodSpec's export is
+    "distilled": the layer has ``expert_gates`` / ``expert_factors``) rather than exactly."""
+    return spec_of(layer.config).export == "distilled"
+
+
 def default_rank(layer: AdaptedLayer, task: int | None) -> int:
     """The layer's total adapter rank (Σ_e rank of expert e: TeamLoRA E·r_B, MoELoRA E·r_e, MoSLD /
     HydraLoRA E·r of that layer; a mergeable layer's LoRA rank), capped at min(d_in, d_out)."""
-    if hasattr(layer, "expert_factors"):
+    if distilled(layer):
         total = sum(a.shape[0] for a, _ in layer.expert_factors())
     else:
         total = layer.lora_factors(task)[0].shape[0]
@@ -199,7 +206,7 @@ def default_rank(layer: AdaptedLayer, task: int | None) -> int:
 @torch.no_grad()
 def routing_folded_update(layer: AdaptedLayer, stats: LayerStatistics) -> torch.Tensor:
     """ΔW = Σ_e ḡ_e B_e A_e (d_out, d_in) with ḡ the mean eval gate over the calibration rows."""
-    if not hasattr(layer, "expert_factors"):
+    if not distilled(layer):
         raise ValueError(f"{layer.module_name}: routing_folded needs a token-routed layer; "
                          f"{layer.config.method} is exported exactly with export_lora().")
     mean_gate = stats.gate_sum / stats.rows  # (E,)

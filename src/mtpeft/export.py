@@ -310,13 +310,13 @@ def export_run(run_dir, out, task: str | None) -> Path:
 def run_exports_exactly(run_dir) -> bool:
     """Whether the run's method has an exact LoRA per task (True too when the folder has no config:
     the exact path then names that problem)."""
-    from .config import get_layer_class
+    from .config import get_method_spec
     from .run_config import load_run_config
 
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         return True
-    return get_layer_class(load_run_config(config).method).mergeable
+    return get_method_spec(load_run_config(config).method).export == "exact"
 
 
 def export_command(run_dir, run) -> str:

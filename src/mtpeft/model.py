@@ -19,13 +19,12 @@ import inspect
 import re
 from collections import Counter
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 
 from . import methods as _methods  # noqa: F401  (registers the methods)
-from .config import AdapterConfig, get_layer_class
+from .config import AdapterConfig, get_layer_class, spec_of
 from .core.context import RecordCallDims, RecordEncoderStates, RoutingState, ScopeRecord
 from .core.layer import AdaptedLayer
 from .core.plan import RoutingPlan, as_bool_mask, call_dims, plan_task_ids, run_outside_graphs
@@ -303,7 +302,7 @@ class MultiTaskModel(nn.Module):
         ids = self._check_task_ids(task_ids, batch)
         groups = n_task_rows = None
         if ids is not None:
-            unknown_task = getattr(cfg, "unknown_task", "error")
+            unknown_task = spec_of(cfg).unknown_task(cfg)
             routes_by_task = cfg.task_routed and not self._merged_single_task()
             groups, n_task_rows = plan_task_ids(ids, cfg.n_tasks, check_range=unknown_task != "average",
                                                 unknown_task=unknown_task if routes_by_task else None)
@@ -548,6 +547,3 @@ class MultiTaskModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.config.method}, adapted_layers={len(self.adapted_names)}"
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()

@@ -2,14 +2,15 @@
 
 Token-routed methods record router statistics per forward; :class:`RoutingAccumulator` sums them over
 an evaluation pass, and ``task_expert_load`` turns the sums into the share of each task's routing
-that went to each expert. Task-routed methods have their task × skill weights in parameters
-(``skill_weights`` for Poly / C-Poly, ``mixing_weights`` for MTL-LoRA), read in eval mode.
+that went to each expert. Task-routed methods have their task × skill weights in parameters, read in
+eval mode through their MethodSpec's ``task_table`` (methods without one have nothing to show).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .config import spec_of
 from .core.routing import task_expert_load
 
 # statistics that are sums over tokens, so they add up over batches
@@ -39,14 +40,10 @@ class RoutingAccumulator:
 
 
 def _task_weight_table(layer, n_tasks: int) -> torch.Tensor | None:
-    tasks = torch.arange(n_tasks)
-    if hasattr(layer, "skill_weights"):
-        weights = layer.skill_weights(tasks, sample=False)
-    elif hasattr(layer, "mixing_weights"):
-        weights = layer.mixing_weights(tasks)
-    else:
+    table = spec_of(layer.config).task_table
+    if table is None:
         return None
-    weights = weights.detach().float().cpu()
+    weights = table(layer, torch.arange(n_tasks)).detach().float().cpu()  # (T, ..., S)
     return weights.reshape(n_tasks, -1, weights.shape[-1]).mean(1)  # (T, S): averaged over splits
 
 

@@ -80,9 +80,12 @@ def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
         raise ValueError(f"add_tasks: n must be a positive integer, got {n!r}.")
     cfg = model.config
     layers = [layer for _, layer in model.adapted_layers()]
-    if not cfg.task_routed or not all(hasattr(layer, "add_tasks") for layer in layers):
+    from .config import get_method_spec, package_methods, spec_of
+
+    if not spec_of(cfg).can_add_tasks:
+        growable = [m for m in package_methods() if get_method_spec(m).can_add_tasks]
         raise TypeError(f"{type(cfg).__name__} has no per-task parameters: add_tasks applies to task-routed "
-                        f"methods (per-task LoRA, MTL-LoRA, Poly / MHR, C-Poly).")
+                        f"methods that can grow ({', '.join(growable)}).")
     model.check_usable("add tasks")
     model.check_not_merged("add_tasks")
     if train_only_routing and not any(role == "router" for layer in layers

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
                           LlamaForCausalLM)
 
-import mtpeft  # noqa: E402
+import method_cases  # noqa: E402
 
 VOCAB = 100
 N_TASKS = 3
@@ -57,18 +57,17 @@ def tiny_gpt2(seed: int = 0):
 
 BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
 
-# Method variants under test: name -> config factory (keyword overrides allowed).
-VARIANTS = {
-    "mtl_lora": lambda **kw: mtpeft.MTLLoraConfig(**{"r": 4, "n_up": 3, "lora_dropout": 0.0,
-                                                    "n_tasks": N_TASKS, **kw}),
-    "mtl_lora_diag": lambda **kw: mtpeft.MTLLoraConfig(**{"r": 4, "n_up": 2, "lora_dropout": 0.0,
-                                                         "lambda_type": "diagonal", "n_tasks": N_TASKS, **kw}),
-    "poly": lambda **kw: mtpeft.PolyConfig(**{"r": 4, "n_skills": 3, "n_tasks": N_TASKS, **kw}),
-    "mhr": lambda **kw: mtpeft.PolyConfig(**{"r": 4, "n_skills": 3, "n_splits": 2, "n_tasks": N_TASKS, **kw}),
-    "cpoly": lambda **kw: mtpeft.CPolyConfig(**{"n_tasks": N_TASKS, **kw}),
-    "cpoly_e2": lambda **kw: mtpeft.CPolyConfig(**{"n_exclusive": 2, "n_splits": 2, "n_tasks": N_TASKS, **kw}),
-}
-MAIN_VARIANTS = ["mtl_lora", "poly", "mhr", "cpoly"]
+def _variant(spec, overrides):
+    return lambda **kw: spec.small_config(**{**overrides, "n_tasks": N_TASKS, **kw})
+
+
+# Method variants under test: name -> config factory (keyword overrides allowed). Every registered
+# task-routed method with a per-task mixture and an unknown-task policy (MTL-LoRA, Poly / MHR, C-Poly;
+# per-task LoRA has tests/test_task_lora.py), each of its MethodSpec.test_cases by name.
+TASK_MIXTURES = [m for m in method_cases.methods(routing="task") if method_cases.spec(m).unknown_task_field]
+VARIANTS = {name: _variant(method_cases.spec(m), overrides)
+            for m in TASK_MIXTURES for name, overrides in method_cases.spec(m).test_cases.items()}
+MAIN_VARIANTS = TASK_MIXTURES + ["mhr"]  # each method's own case, and MHR
 
 
 def batch(n: int = 4, seq: int = 7, seed: int = 0, pad: bool = True) -> dict:

@@ -1,9 +1,10 @@
-"""Shared helpers for the token-routed method tests (MoELoRA, MoSLD, TeamLoRA, HydraLoRA).
+"""Shared helpers for the token-routed method tests (every method registered with routing="token",
+tests/method_cases.py: the package's and the test-defined ones).
 
 Tiny models are built from configs (no downloads) with every dropout of the base off, so that
 training mode is deterministic apart from the adapters' own dropout. Tests reach the helpers through
 the ``tr`` fixture (``tr.tiny_llama()``, ``tr.make_config("moelora")``, ...) rather than by importing
-this file (two conftest modules share the name) and get the four methods from the ``method`` fixture.
+this file (two conftest modules share the name) and get the methods from the ``method`` fixture.
 """
 
 from __future__ import annotations
@@ -21,39 +22,28 @@ from torch import nn  # noqa: E402
 import mtpeft  # noqa: E402
 from mtpeft.core.context import Route, RoutingState  # noqa: E402
 from _tiny import N_TASKS, VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402  (the same tiny models)
+import method_cases  # noqa: E402
 
-TOKEN_ROUTED = {
-    "moelora": mtpeft.MoELoraConfig,
-    "mosld": mtpeft.MoSLDConfig,
-    "teamlora": mtpeft.TeamLoraConfig,
-    "hydralora": mtpeft.HydraLoraConfig,
-}
-# The aux losses each method adds with its default config (HydraLoRA's balance loss is opt-in).
-AUX_NAMES = {
-    "moelora": {"moelora_balance", "moelora_contrastive"},
-    "mosld": {"mosld_balance"},
-    "teamlora": {"teamlora_balance"},
-    "hydralora": set(),
-}
+TOKEN_ROUTED = {name: method_cases.spec(name).config_class for name in method_cases.methods(routing="token")}
 
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
 
 def make_config(method: str, **overrides):
-    """The method's default config (n_tasks=3, so per-task statistics have a fixed size)."""
+    """The method's test config (MethodSpec.test_config; n_tasks=3, so per-task statistics have a fixed size)."""
     overrides.setdefault("n_tasks", N_TASKS)
-    return TOKEN_ROUTED[method](**overrides)
+    return method_cases.config(method, **overrides)
+
+
+# The aux losses each method adds with its test config (an opt-in one, as HydraLoRA's, is off there).
+AUX_NAMES = {name: set(make_config(name).aux_loss_weights()) for name in TOKEN_ROUTED}
 
 
 def one_expert_config(method: str, r: int = 4, alpha: float = 8.0, dropout: float = 0.0, **kw):
-    """The degenerate E=1 (k=1) config of a method, to compare with LoRA of rank r."""
-    if method == "moelora":
-        return make_config(method, n_experts=1, top_k=1, r=r, lora_alpha=alpha, lora_dropout=dropout, **kw)
-    if method == "mosld":
-        return make_config(method, expert_schedule="flat", n_experts=1, top_k=1, r=r, lora_alpha=alpha,
-                           dropconnect=dropout, **kw)
-    return make_config(method, n_experts=1, r=r, lora_alpha=alpha, lora_dropout=dropout, **kw)
+    """The degenerate E=1 (k=1) config of a method (MethodSpec.degenerate), to compare with LoRA of rank r."""
+    kw.setdefault("n_tasks", N_TASKS)
+    return method_cases.spec(method).degenerate(r, alpha, dropout, **kw)
 
 
 def token_batch(batch: int = 4, seq: int = 8, seed: int = 0, pad: bool = True) -> dict:
@@ -148,7 +138,7 @@ def tr() -> SimpleNamespace:
     return SimpleNamespace(
         VOCAB=VOCAB, N_TASKS=N_TASKS, TOKEN_ROUTED=TOKEN_ROUTED, AUX_NAMES=AUX_NAMES, BUILDERS=BUILDERS,
         tiny_llama=tiny_llama, tiny_bert=tiny_bert, tiny_gpt2=tiny_gpt2, make_config=make_config,
-        one_expert_config=one_expert_config, token_batch=token_batch, main_output=main_output,
+        one_expert_config=one_expert_config, token_batch=token_batch, cases=method_cases, main_output=main_output,
         randomise=randomise, adapter_params=adapter_params, standalone_layer=standalone_layer, route=route,
         count_gemms=count_gemms,
     )

@@ -10,12 +10,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import method_cases
 import mtpeft
 from mtpeft.core.context import Route, RoutingState
+from mtpeft.core.layer import AdaptedLayer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FACTORED = ["lora", "moelora", "mosld", "teamlora", "hydralora"]
+# Every registered method that gives its update as factors and reads no task ids: LoRA and the token-routed ones.
+FACTORED = [m for m in method_cases.methods(routing="none") + method_cases.methods(routing="token")
+            if method_cases.spec(m).layer_class.delta_factors is not AdaptedLayer.delta_factors]
 
 
 class OpLog(TorchDispatchMode):
@@ -35,7 +39,7 @@ class OpLog(TorchDispatchMode):
 def make_layer(method: str, tr, **overrides):
     """One adapted nn.Linear(12, 10) with random B: LoRA built here (with dropout, so the fused path
     draws a mask too), the token-routed methods by their shared test helper."""
-    if method != "lora":
+    if method_cases.spec(method).routing == "token":
         return tr.standalone_layer(method, d_in=12, d_out=10, **overrides)
     torch.manual_seed(0)
     cfg = mtpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["probe"], **overrides)

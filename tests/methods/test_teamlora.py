@@ -9,9 +9,20 @@ import torch.nn.functional as F
 
 import mtpeft
 from mtpeft.core.routing import closed_form_parameter_count, masked_mean
-from mtpeft.methods.teamlora import TeamLoraConfig, ffn_shapes, interaction_weights, trainable_percent
+from mtpeft.methods.teamlora import TeamLoraConfig, interaction_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# Shape helpers for the paper-percentage test (they lived in the library, which never used them).
+def ffn_shapes(d_model: int, d_ff: int, n_layers: int) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every gated-MLP projection (gate, up, down) of a LLaMA-style stack."""
+    return [(d_model, d_ff), (d_model, d_ff), (d_ff, d_model)] * n_layers
+
+
+def trainable_percent(adapter_params: int, base_params: int) -> float:
+    """Adapter share in %, counted as PEFT's print_trainable_parameters does: adapter / (base + adapter)."""
+    return 100.0 * adapter_params / (base_params + adapter_params)
 
 
 def test_defaults_follow_the_spec():

@@ -1,8 +1,8 @@
-"""Invariants shared by the token-routed methods (MoELoRA, MoSLD, TeamLoRA, HydraLoRA), each test run
-for all four through the ``method`` fixture: fast path ≡ loop reference (outputs and every gradient),
-zero init, frozen base, E=1 ≡ LoRA, closed-form parameter counts, aux losses, padding, router
-statistics, merge / export errors, save / load, generation, a short training run, and gradient
-checkpointing."""
+"""Invariants shared by the token-routed methods (every method registered with routing="token", from
+tests/method_cases.py), each test run for each of them through the ``method`` fixture: fast path ≡ loop
+reference (outputs and every gradient), zero init, frozen base, E=1 ≡ LoRA, closed-form parameter
+counts, aux losses, padding, router statistics, merge / export errors, save / load, generation, a short
+training run, and gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+import method_cases
 import mtpeft
 from mtpeft.core.routing import closed_form_parameter_count, task_expert_load
 
@@ -18,15 +19,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ------------------------------------------------------------------------- fast path ≡ reference
 SHAPES = [(1, 1), (2, 5), (3, 7), (4, 1)]
-EXPERT_SETTINGS = {  # method -> list of config overrides covering E and k
-    "moelora": [dict(n_experts=1, top_k=1), dict(n_experts=2, top_k=1), dict(n_experts=3, top_k=2),
-                dict(n_experts=8, top_k=2), dict(n_experts=5, top_k=5)],
-    "mosld": [dict(expert_schedule="flat", n_experts=1, top_k=1), dict(expert_schedule="flat", n_experts=3, top_k=2),
-              dict(expert_schedule="flat", n_experts=8, top_k=2), dict(expert_schedule="flat", n_experts=4, top_k=4),
-              dict(expert_schedule="increasing", top_k=2)],
-    "teamlora": [dict(n_experts=1), dict(n_experts=3), dict(n_experts=4, r=2), dict(n_experts=6, use_interaction=False)],
-    "hydralora": [dict(n_experts=1), dict(n_experts=2, r=3), dict(n_experts=4), dict(n_experts=7, r=1)],
-}
+# method -> config overrides covering E and k: each method's MethodSpec.test_cases
+EXPERT_SETTINGS = {m: list(method_cases.spec(m).test_cases.values()) for m in method_cases.methods(routing="token")}
 
 
 def _grads(output, tensors, cotangent):
@@ -149,7 +143,7 @@ def _copy_into_lora(tr_model, lora_model, method):
     with torch.no_grad():
         for (name, layer), (lname, lora) in zip(tr_model.adapted_layers(), lora_model.adapted_layers()):
             assert name == lname
-            a = layer.lora_A[0] if method == "moelora" else layer.lora_A  # (r, d_in)
+            a = layer.lora_A[0] if layer.lora_A.dim() == 3 else layer.lora_A  # (r, d_in): own A, or the shared A
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(layer.lora_B[0].T)  # (r, d_out) -> (d_out, r)
 
@@ -174,7 +168,7 @@ def test_one_expert_equals_lora(method, arch, tr):
     out_l.logits.sum().backward()
     for (_, layer), (_, lo) in zip(model.adapted_layers(), lora.adapted_layers()):
         torch.testing.assert_close(layer.lora_B.grad[0].T, lo.lora_B.grad, atol=1e-5, rtol=1e-4)
-        ga = layer.lora_A.grad[0] if method == "moelora" else layer.lora_A.grad
+        ga = layer.lora_A.grad[0] if layer.lora_A.dim() == 3 else layer.lora_A.grad
         torch.testing.assert_close(ga, lo.lora_A.grad, atol=1e-5, rtol=1e-4)
 
 
@@ -204,14 +198,14 @@ def test_parameter_roles(method, tr):
 
 # ------------------------------------------------------------------------------------ aux losses
 def test_aux_losses_finite_and_reach_the_router(method, tr):
-    overrides = {"balance_weight": 0.5} if method == "hydralora" else {}
+    overrides = tr.cases.aux_on(method)  # opt-in aux losses (HydraLoRA's balance) switched on
     model = mtpeft.get_model(tr.tiny_llama(), tr.make_config(method, **overrides))
     tr.randomise(model)
     model.train()
     b = tr.token_batch()
     torch.manual_seed(0)
     out = model(**b, labels=b["input_ids"])
-    names = tr.AUX_NAMES[method] | ({"hydralora_balance"} if method == "hydralora" else set())
+    names = set(tr.cases.spec(method).aux_losses)  # every declared aux loss, the opt-in ones switched on
     assert set(out.aux_losses) == names
     assert set(model.config.aux_loss_weights()) == names
     weighted = 0.0
@@ -231,7 +225,7 @@ def test_aux_losses_finite_and_reach_the_router(method, tr):
 def test_aux_losses_in_an_eval_forward_but_not_in_generate(method, tr):
     """A recorded forward builds the aux losses in eval mode too (validation can log them; they join
     out.loss like in training); generate records nothing."""
-    overrides = {"balance_weight": 0.5} if method == "hydralora" else {}
+    overrides = tr.cases.aux_on(method)  # opt-in aux losses (HydraLoRA's balance) switched on
     model = mtpeft.get_model(tr.tiny_llama(), tr.make_config(method, **overrides))
     assert not any(layer.training for _, layer in model.adapted_layers())  # they follow the eval base
     tr.randomise(model)
@@ -275,7 +269,7 @@ def test_balance_loss_ignores_padding(method, tr):
 
 def test_balance_loss_ignores_padding_in_a_model(method, tr):
     """Model level (BERT masks padded keys): the pad tokens' ids do not change the aux losses."""
-    overrides = {"balance_weight": 1.0} if method == "hydralora" else {}
+    overrides = tr.cases.aux_on(method, 1.0)
     model = mtpeft.get_model(tr.tiny_bert(), tr.make_config(method, target_modules="all-linear", **overrides))
     model.train()
     b = tr.token_batch()
@@ -428,7 +422,7 @@ def test_short_run_loss_falls(method, tr):
 
 
 def test_gradient_checkpointing_same_aux_and_router_grads(method, tr):
-    overrides = {"balance_weight": 0.5} if method == "hydralora" else {}
+    overrides = tr.cases.aux_on(method)  # opt-in aux losses (HydraLoRA's balance) switched on
     plain = mtpeft.get_model(tr.tiny_llama(n_layers=2), tr.make_config(method, target_modules="all-linear",
                                                                          **overrides))
     tr.randomise(plain)
@@ -446,7 +440,7 @@ def test_gradient_checkpointing_same_aux_and_router_grads(method, tr):
         results.append((out.loss.detach(), {k: v.detach() for k, v in out.aux_losses.items()}, grads))
     (loss_a, aux_a, grads_a), (loss_b, aux_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b)
-    assert aux_a.keys() == aux_b.keys() == tr.AUX_NAMES[method] | ({"hydralora_balance"} if overrides else set())
+    assert aux_a.keys() == aux_b.keys() == set(tr.cases.spec(method).aux_losses)  # all on
     for k in aux_a:
         torch.testing.assert_close(aux_a[k], aux_b[k], atol=1e-6, rtol=1e-6)
     assert grads_a.keys() == grads_b.keys()
@@ -462,7 +456,7 @@ def test_reentrant_checkpointing_warns_that_aux_losses_lose_their_gradient(metho
     import mtpeft.core.routing as routing
 
     monkeypatch.setattr(routing, "_WARNED_NO_GRAD", False)
-    overrides = {"balance_weight": 0.5} if method == "hydralora" else {}
+    overrides = tr.cases.aux_on(method)  # opt-in aux losses (HydraLoRA's balance) switched on
     model = mtpeft.get_model(tr.tiny_llama(), tr.make_config(method, **overrides))
     model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()

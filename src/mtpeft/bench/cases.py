@@ -164,7 +164,30 @@ def mosld_equal_rank(base) -> int:
     return round(sum(ranks) / len(ranks))
 
 
-def train_variants(spec: ModelSpec, base, quick: bool) -> list[Variant]:
+def registry_variants(names: list[str], have: set[str]) -> list[Variant]:
+    """A case for each registered method in ``names`` that the curated list (``_curated_variants``) does
+    not hold (e.g. one a user or a test registered, named with ``--methods``): its config at its defaults, mixed task batches,
+    compared with our LoRA r=8."""
+    from ..config import get_method_spec
+
+    out = []
+    for name in names:
+        spec = get_method_spec(name)  # an unknown name is an error listing the known ones
+        if name in have or spec.routing == "none":
+            continue
+        extra = {"n_tasks": N_TASKS}
+        out.append(Variant(name, "ours", build_ours(lambda b, spec=spec: spec.config_class(**extra)), "mixed",
+                           "lora_r8", routing=spec.routing, note="registered method at its defaults"))
+    return out
+
+
+def train_variants(spec: ModelSpec, base, quick: bool, methods: list[str] | None = None) -> list[Variant]:
+    """The train / memory cases: the curated list below, plus :func:`registry_variants` for ``methods``."""
+    v = _curated_variants(spec, base, quick)
+    return v + registry_variants(list(methods or []), {x.name for x in v})
+
+
+def _curated_variants(spec: ModelSpec, base, quick: bool) -> list[Variant]:
     qv = spec.qv
     mlp = target_regex(base, "mlp")
     qkvo = target_regex(base, "attention_all")

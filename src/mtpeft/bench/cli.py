@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import SECTIONS, log
+from .common import QUICK_METHODS, SECTIONS, log
 from .report import evaluate_targets, markdown_tables, print_tables
 from .timing import CLOCK, CLOCKS, load_average, machine_info, set_threads
 
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="train: only the groups of these comma-separated cases (e.g. lora_r8,poly,moelora), to give "
                         "a few comparisons many rounds (--repeats 40)")
+    p.add_argument("--methods", default=None, metavar="NAMES",
+                   help="comma-separated registered methods for the layer section (default: every method with a "
+                        "sized_config; --quick: " + ",".join(QUICK_METHODS) + "); the train section adds a case "
+                        "for each one it does not already have")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 2; --quick: 1, as a smoke test on a shared machine, where "
                         "two OpenMP threads competing with other jobs wait on each other)")

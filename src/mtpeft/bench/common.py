@@ -7,6 +7,8 @@ import time
 
 SECTIONS = ("layer", "train", "infer", "memory")
 N_TASKS = 4  # tasks of the task-routed cases (mixed batches spread the rows over them)
+# The layer section's methods with --quick (a default: --methods names any registered method).
+QUICK_METHODS = ("moelora", "poly")
 
 
 def log(args, msg: str) -> None:

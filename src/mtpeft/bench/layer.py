@@ -8,33 +8,35 @@ import torch
 
 import mtpeft as mt
 
-from .common import N_TASKS, log, rounded
+from .common import N_TASKS, QUICK_METHODS, log, rounded
 from .timing import interleaved
 
 
-def _layer_methods(E: int, r: int, quick: bool = False) -> dict[str, Callable[[], Any]]:
-    if quick:
-        return {"moelora": lambda: mt.MoELoraConfig(n_experts=E, r=r, lora_alpha=2 * r, balance_weight=0.0,
-                                                    contrastive_weight=0.0)}
-    return {
-        "moelora": lambda: mt.MoELoraConfig(n_experts=E, r=r, lora_alpha=2 * r, balance_weight=0.0,
-                                            contrastive_weight=0.0),
-        "mosld": lambda: mt.MoSLDConfig(expert_schedule="flat", n_experts=E, r=r, lora_alpha=2 * r,
-                                        balance_weight=0.0),
-        "hydralora": lambda: mt.HydraLoraConfig(n_experts=E, r=r, lora_alpha=2 * r),
-        "teamlora": lambda: mt.TeamLoraConfig(n_experts=E, r=r, lora_alpha=2 * r, balance_weight=0.0),
-    }
+def _selected_methods(args) -> list[str]:
+    """The registered methods the layer section runs: --methods, else the quick pair, else every package
+    method that declares a ``sized_config`` and routes (by token or by task)."""
+    from ..config import get_method_spec, package_methods
+
+    names = getattr(args, "methods", None)
+    if names:
+        names = names.split(",") if isinstance(names, str) else list(names)
+    else:
+        names = list(QUICK_METHODS) if args.quick else package_methods()
+    specs = [get_method_spec(n) for n in names]  # an unknown name is an error that lists the known ones
+    return [s.name for s in specs if s.sized_config is not None and s.routing in ("token", "task")]
 
 
-def _task_layer_methods(E: int, r: int, quick: bool = False) -> dict[str, Callable[[], Any]]:
-    if quick:
-        return {"poly": lambda: mt.PolyConfig(r=r, n_skills=E, n_tasks=N_TASKS)}
-    return {
-        "task_lora": lambda: mt.TaskLoraConfig(r=r, n_tasks=N_TASKS),
-        "mtl_lora": lambda: mt.MTLLoraConfig(r=r, n_up=E, n_tasks=N_TASKS, lora_dropout=0.0),
-        "poly": lambda: mt.PolyConfig(r=r, n_skills=E, n_tasks=N_TASKS),
-        "cpoly": lambda: mt.CPolyConfig(r=r, n_skills=E, n_tasks=N_TASKS),
-    }
+def _methods(E: int, r: int, names: list[str], routing: str) -> dict[str, Callable[[], Any]]:
+    """name -> config factory (E experts / skills of rank r, aux losses off) of the methods routed by ``routing``."""
+    from ..config import get_method_spec
+
+    out = {}
+    for name in names:
+        spec = get_method_spec(name)
+        if spec.routing == routing:
+            extra = {"n_tasks": N_TASKS} if routing == "task" else {}
+            out[name] = lambda spec=spec, extra=extra: spec.sized_config(E, r, **extra)
+    return out
 
 
 def task_loop_reference(layer, x, ids):
@@ -100,14 +102,16 @@ def bench_layer(args) -> dict:
             lay = standalone(mt.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p), d)
             cases[name] = fb(lambda lay=lay: lay(x))
             cases[f"{name}/adapter"] = fb(lambda lay=lay: lay.adapter_forward(x, no_route))
-        for name, cfg_fn in _layer_methods(E, r, args.quick).items():
+        names = _selected_methods(args)
+        token_methods, task_methods = _methods(E, r, names, "token"), _methods(E, r, names, "task")
+        for name, cfg_fn in token_methods.items():
             lay = standalone(cfg_fn(), d)
             cases[name] = fb(lambda lay=lay: lay(x))
             cases[f"{name}/ref"] = fb(lambda lay=lay: lay.base_layer(x) + lay.reference_forward(x, no_route))
             cases[f"{name}/adapter"] = fb(lambda lay=lay: lay.adapter_forward(x, no_route))
             cases[f"{name}/ref_adapter"] = fb(lambda lay=lay: lay.reference_forward(x, no_route))
         task_route = Route(ids, None, False)
-        for name, cfg_fn in _task_layer_methods(E, r, args.quick).items():
+        for name, cfg_fn in task_methods.items():
             lay = standalone(cfg_fn(), d)
 
             def fast(lay=lay):
@@ -121,8 +125,8 @@ def bench_layer(args) -> dict:
         t = interleaved(cases, repeats=args.repeats, warmup=args.warmup, min_seconds=0.0 if args.quick else 0.03,
                         extra_rounds=args.extra_rounds)
         log(args, f"layer d={d} E={E} r={r}: {len(cases)} cases")
-        for name in list(_layer_methods(E, r, args.quick)) + list(_task_layer_methods(E, r, args.quick)):
-            token = name in _layer_methods(E, r, args.quick)
+        for name in list(token_methods) + list(task_methods):
+            token = name in token_methods
             lora_ref = "lora_equal" if token else "lora_r"
             rows.append({
                 "d": d, "E": E, "r": r, "tokens": n_tokens, "method": name, "routing": "token" if token else "task",

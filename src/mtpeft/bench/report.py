@@ -55,7 +55,7 @@ def evaluate_targets(res: dict) -> list[dict]:
             if r["routing"] == "task" and r["task_batch"] == "mixed":
                 add("task_routed_mixed_vs_lora", f"{model}: {r['name']} vs {r.get('lora_ref')}",
                     *measured(r, "vs_equal_rank_lora"))
-            if r["name"] in ("poly", "mhr"):
+            if r["routing"] == "task" and r.get("peft_ref"):  # a task-routed method with a PEFT counterpart
                 add("poly_mhr_vs_peft", f"{model}: {r['name']} vs {r.get('peft_ref')}", *measured(r, "vs_peft"))
     layer = res.get("layer", {}).get("rows", [])
     for method in sorted({r["method"] for r in layer if r["routing"] == "token"}):

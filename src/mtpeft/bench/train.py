@@ -62,7 +62,8 @@ def bench_train(args) -> dict:
             p.requires_grad_(False)
         vocab = base.config.vocab_size
         batch = make_batch(spec, vocab, batch_size, seq)
-        variants = train_variants(spec, base, args.quick)
+        methods = getattr(args, "methods", None)
+        variants = train_variants(spec, base, args.quick, methods.split(",") if isinstance(methods, str) else methods)
         groups = only_groups(train_groups(variants), getattr(args, "only", None), model_name)
         wanted = {n for g in groups for n in g}
         variants = [v for v in variants if v.name in wanted]

@@ -138,3 +138,10 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def make_dropout(p: float) -> nn.Module:
+    """The adapters' dropout: same distribution as nn.Dropout(p), about p·n random draws instead of n
+    (see this module's docstring: on CPU torch's per-element Bernoulli draws cost more than a LoRA's
+    GEMMs); the identity when p = 0."""
+    return Dropout(p) if p > 0 else nn.Identity()

@@ -1,4 +1,4 @@
-"""Token routing shared by the token-routed methods (MoELoRA, MoSLD, TeamLoRA, HydraLoRA).
+"""Token routing shared by the token-routed methods (those registered with routing="token").
 
 Every function works on flattened tokens: a layer input x of shape (..., d_in) is viewed as
 (N, d_in) with N = prod(x.shape[:-1]); the padding mask (``Route.token_mask``, shape x.shape[:-1])
@@ -15,7 +15,7 @@ Pieces:
     ``switch_balance_loss``   Switch Transformer load balance E·Σ_e f_e·P_e over non-padding tokens
     ``router_statistics``     per-expert and per-task routing statistics (no_grad)
     ``task_expert_load``      the task × expert load matrix, aggregated over modules
-    ``TokenRoutedLayer``      the small base class the four layers share (flattening, masks, recording)
+    ``TokenRoutedLayer``      the small base class the token-routed layers share (flattening, masks, recording)
 
 When aux losses are built: in training mode always, and in eval mode when the forward records (a
 wrapper forward, so validation can log them; ``generate`` does not record). Why "training mode" and
@@ -283,10 +283,12 @@ class TokenRoutedLayer(AdaptedLayer):
         """Build aux losses in training mode, or when recording (see the module docstring for why both)."""
         return self.training or route.record
 
-    def _record_aux(self, name: str, value: torch.Tensor, weight: float) -> None:
+    def _record_aux(self, name: str, value: torch.Tensor) -> None:
+        """Record this module's aux loss ``name``, weighted as ``config.aux_loss_weights()`` says (the
+        config field the method's MethodSpec names: the one source of the weight)."""
         if self.training and self.routing.recording and not torch.is_grad_enabled():
             _warn_no_grad_aux_once()
-        self.routing.add_aux_loss(name, value, weight)
+        self.routing.add_aux_loss(name, value, self.config.aux_loss_weights()[name])
 
     def _record_stats(self, route: Route, lead: torch.Size, probs: torch.Tensor, gates: torch.Tensor,
                       selected: torch.Tensor, k: int, token_weight: torch.Tensor | None) -> None:
@@ -304,12 +306,9 @@ def closed_form_parameter_count(config, shapes: Iterable[tuple[int, int]]) -> in
     parameter count from shapes alone (e.g. a 7B model's, without building it)."""
     total = 0
     for shape in shapes:
-        if hasattr(config, "parameters_per_layer"):
-            total += config.parameters_per_layer(*shape)
-        elif config.method == "lora":  # plain LoRA: r·(d_in + d_out)
-            total += config.r * (shape[0] + shape[1])
-        else:
+        if not hasattr(config, "parameters_per_layer"):  # a method's config declares its closed form
             raise TypeError(f"{type(config).__name__} has no closed-form parameter count.")
+        total += config.parameters_per_layer(*shape)
     return total
 
 

@@ -85,3 +85,13 @@ def check_task_id_range(values: list[int], n_tasks: int) -> None:
             f"task id {bad} is out of range: this adapter was built for n_tasks={n_tasks}, so ids "
             f"must be in [0, {n_tasks - 1}]."
         )
+
+
+def require_task_ids(route, method: str) -> torch.Tensor:
+    """The route's per-row task ids (a task-routed layer's input), or an error that says to pass them."""
+    if route.row_task_ids is None:
+        raise ValueError(
+            f"{method} routes by task: pass task_ids (a LongTensor of shape (batch,)) to the model's "
+            f"forward or generate."
+        )
+    return route.row_task_ids

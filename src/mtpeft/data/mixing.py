@@ -69,9 +69,6 @@ class MultiTaskDataset(Dataset):
         task = bisect.bisect_right(self.offsets, index) - 1
         return task, index - self.offsets[task]
 
-    def flat_index(self, task: int, example: int) -> int:
-        return self.offsets[task] + example
-
     def __getitem__(self, index: int) -> dict:
         task, i = self.locate(index)
         return {**self.tasks[task][i], "task_id": task, "task": self.names[task]}

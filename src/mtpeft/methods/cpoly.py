@@ -40,7 +40,7 @@ from torch import nn
 from ..config import field_help, register_method
 from ..core.init import kaiming_uniform_
 from ..tasks_api import grow_task_parameter, routing_table
-from .poly import LOGIT_INIT, PolyConfig, PolyLayer, normalised_skill_weights
+from .poly import LOGIT_INIT, PolyConfig, PolyLayer, normalised_skill_weights, poly_spec
 
 
 @dataclass
@@ -122,4 +122,9 @@ class CPolyLayer(PolyLayer):
         return f"{super().extra_repr()}, n_exclusive={self.config.n_exclusive}"
 
 
-register_method(CPolyConfig, CPolyLayer)
+register_method(poly_spec(
+    CPolyConfig, CPolyLayer,
+    test_config=lambda **kw: CPolyConfig(**kw),  # its defaults are small (r=2, S=3, E=1)
+    sized_config=lambda e, r, **kw: CPolyConfig(r=r, n_skills=e, **kw),
+    test_cases={"cpoly": {}, "cpoly_e2": {"n_exclusive": 2, "n_splits": 2}},
+))

@@ -23,23 +23,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import (AdapterConfig, check_non_negative, check_positive_int, check_probability, field_help,
-                      register_method)
+from ..config import LowRankConfig, MethodSpec, check_non_negative, check_positive_int, field_help, register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_shared_block, router_dtype, router_probs,
                             switch_balance_loss)
-from ..core.dropout import dropout_linear
-from .lora import make_dropout
+from ..core.dropout import dropout_linear, make_dropout
 
 
 @dataclass
-class HydraLoraConfig(AdapterConfig):
+class HydraLoraConfig(LowRankConfig):
     method = "hydralora"
 
     n_experts: int = field_help("number of B heads E", 4)
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank of the shared A and of every B_e", 8)
-    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r", 16)
     lora_dropout: float = field_help("dropout on the adapter input x", 0.05)
     balance_weight: float = field_help(
         "weight of an optional Switch balance loss 'hydralora_balance' (0: off, as in the paper)", 0.0)
@@ -48,16 +47,11 @@ class HydraLoraConfig(AdapterConfig):
         super().__post_init__()
         name = type(self).__name__
         check_positive_int(name, "n_experts", self.n_experts)
-        check_positive_int(name, "r", self.r)
-        check_probability(name, "lora_dropout", self.lora_dropout)
         check_non_negative(name, "balance_weight", self.balance_weight)
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
-
     def aux_loss_weights(self) -> dict[str, float]:
-        return {"hydralora_balance": self.balance_weight} if self.balance_weight > 0 else {}
+        """The balance loss is opt-in (the paper has none): listed only when its weight is > 0."""
+        return {k: w for k, w in super().aux_loss_weights().items() if w > 0}
 
     def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
         """Closed form: r·d_in + E·r·d_out + E·d_in (shared A, heads, router)."""
@@ -93,8 +87,7 @@ class HydraLoraLayer(TokenRoutedLayer):
         need_selected = route.record or (self._wants_aux(route) and self.config.balance_weight > 0)
         selected = argmax_selected(probs) if need_selected else None
         if self._wants_aux(route) and self.config.balance_weight > 0:
-            self._record_aux("hydralora_balance", switch_balance_loss(probs, selected, 1, weight),
-                             self.config.balance_weight)
+            self._record_aux("hydralora_balance", switch_balance_loss(probs, selected, 1, weight))
         if route.record:
             self._record_stats(route, lead, probs, probs, selected, 1, weight)
         # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
@@ -124,4 +117,13 @@ class HydraLoraLayer(TokenRoutedLayer):
         return f"{super().extra_repr()}, heads={self.n_experts}, r={self.r}"
 
 
-register_method(HydraLoraConfig, HydraLoraLayer)
+register_method(MethodSpec(
+    HydraLoraConfig, HydraLoraLayer, routing="token", export="distilled", can_add_tasks=False,
+    aux_losses={"hydralora_balance": "balance_weight"},
+    test_config=HydraLoraConfig,
+    degenerate=lambda r, alpha, dropout, **kw: HydraLoraConfig(n_experts=1, r=r, lora_alpha=alpha,
+                                                               lora_dropout=dropout, **kw),
+    sized_config=lambda e, r, **kw: HydraLoraConfig(n_experts=e, r=r, lora_alpha=2 * r, **kw),
+    test_cases={"hydralora_e1": dict(n_experts=1), "hydralora_e2_r3": dict(n_experts=2, r=3),
+                "hydralora_e4": dict(n_experts=4), "hydralora_e7_r1": dict(n_experts=7, r=1)},
+))

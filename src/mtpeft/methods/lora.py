@@ -15,36 +15,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, check_positive_int, check_probability, field_help, register_method
+from ..config import LowRankConfig, MethodSpec, field_help, register_method
 from ..core.context import Route
-from ..core.dropout import Dropout, dropout_linear
+from ..core.dropout import dropout_linear, make_dropout
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
 
 
 @dataclass
-class LoraConfig(AdapterConfig):
+class LoraConfig(LowRankConfig):
     method = "lora"
 
-    r: int = field_help("rank of the update", 8)
-    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r", 16)
-    lora_dropout: float = field_help("dropout on the adapter input x", 0.0)
     use_rslora: bool = field_help("rank-stabilised scale s = lora_alpha / sqrt(r)", False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int(type(self).__name__, "r", self.r)
-        check_probability(type(self).__name__, "lora_dropout", self.lora_dropout)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-
-def make_dropout(p: float) -> nn.Module:
-    """The adapters' dropout: same distribution as nn.Dropout(p), about p·n random draws instead of n
-    (see mtpeft.core.dropout: on CPU torch's per-element Bernoulli draws cost more than a LoRA's GEMMs)."""
-    return Dropout(p) if p > 0 else nn.Identity()
+    def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
+        """Closed form: r·(d_in + d_out)."""
+        return self.r * (d_in + d_out)
 
 
 class LoraLayer(AdaptedLayer):
@@ -70,4 +60,8 @@ class LoraLayer(AdaptedLayer):
         return self.lora_A, self.lora_B * self.scaling
 
 
-register_method(LoraConfig, LoraLayer)
+register_method(MethodSpec(
+    LoraConfig, LoraLayer, routing="none", export="exact",
+    test_config=lambda **kw: LoraConfig(**{"r": 4, "lora_dropout": 0.0, **kw}),
+    degenerate=lambda r, alpha, dropout, **kw: LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, **kw),
+))

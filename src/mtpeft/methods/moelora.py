@@ -48,22 +48,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (AdapterConfig, check_choice, check_non_negative, check_positive_int, check_positive_number,
-                      check_probability, field_help, register_method)
+from ..config import (LowRankConfig, MethodSpec, check_choice, check_non_negative, check_positive_int,
+                      check_positive_number, field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, gate_expert_blocks, one_hot, router_dtype, router_probs,
                             switch_balance_loss, top_k_gates)
-from ..core.dropout import dropout_linear
-from .lora import make_dropout
+from ..core.dropout import dropout_linear, make_dropout
 
 
 @dataclass
-class MoELoraConfig(AdapterConfig):
+class MoELoraConfig(LowRankConfig):
     method = "moelora"
 
     n_experts: int = field_help("number of LoRA experts E per adapted layer", 8)
     top_k: int = field_help("experts per token; the kept router weights are renormalised to sum 1", 2)
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank r_e of each expert (equal budget with LoRA-r: E·r_e = r)", 4)
     lora_alpha: float = field_help("scale numerator: s = lora_alpha / r (the paper: α = 2·r_e)", 8)
     lora_dropout: float = field_help("dropout on the adapter input x (one mask shared by all experts)", 0.05)
@@ -79,22 +80,14 @@ class MoELoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        for f in ("n_experts", "top_k", "r", "contrastive_sample_size"):
+        for f in ("n_experts", "top_k", "contrastive_sample_size"):
             check_positive_int(name, f, getattr(self, f))
         if self.top_k > self.n_experts:
             raise ValueError(f"{name}.top_k={self.top_k} exceeds n_experts={self.n_experts}.")
-        check_probability(name, "lora_dropout", self.lora_dropout)
         for f in ("balance_weight", "contrastive_weight"):
             check_non_negative(name, f, getattr(self, f))
         check_positive_number(name, "contrastive_temperature", self.contrastive_temperature)
         check_choice(name, "contrastive_pairs", self.contrastive_pairs, ("all", "routed"))
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
-
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {"moelora_balance": self.balance_weight, "moelora_contrastive": self.contrastive_weight}
 
     def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
         """Closed form: E·r_e·(d_in + d_out) + E·d_in (experts + router)."""
@@ -271,11 +264,9 @@ class MoELoraLayer(TokenRoutedLayer):
         if self._wants_aux(route):
             cfg = self.config
             if cfg.balance_weight > 0:
-                self._record_aux("moelora_balance", switch_balance_loss(probs, selected, self.top_k, weight),
-                                 cfg.balance_weight)
+                self._record_aux("moelora_balance", switch_balance_loss(probs, selected, self.top_k, weight))
             if cfg.contrastive_weight > 0:
-                self._record_aux("moelora_contrastive", self._contrastive(z, selected, weight),
-                                 cfg.contrastive_weight)
+                self._record_aux("moelora_contrastive", self._contrastive(z, selected, weight))
         self._record_stats(route, lead, probs, gates, selected, self.top_k, weight)
         # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
         return zg, self.lora_B.view(e * r, -1)
@@ -323,4 +314,15 @@ class MoELoraLayer(TokenRoutedLayer):
         return f"{super().extra_repr()}, experts={self.n_experts}, top_k={self.top_k}, r={self.r}"
 
 
-register_method(MoELoraConfig, MoELoraLayer)
+register_method(MethodSpec(
+    MoELoraConfig, MoELoraLayer, routing="token", export="distilled", can_add_tasks=False,
+    aux_losses={"moelora_balance": "balance_weight", "moelora_contrastive": "contrastive_weight"},
+    test_config=MoELoraConfig,  # its defaults fit the tiny models
+    degenerate=lambda r, alpha, dropout, **kw: MoELoraConfig(n_experts=1, top_k=1, r=r, lora_alpha=alpha,
+                                                             lora_dropout=dropout, **kw),
+    sized_config=lambda e, r, **kw: MoELoraConfig(n_experts=e, r=r, lora_alpha=2 * r, balance_weight=0.0,
+                                                  contrastive_weight=0.0, **kw),
+    test_cases={"moelora_e1_k1": dict(n_experts=1, top_k=1), "moelora_e2_k1": dict(n_experts=2, top_k=1),
+                "moelora_e3_k2": dict(n_experts=3, top_k=2), "moelora_e8_k2": dict(n_experts=8, top_k=2),
+                "moelora_e5_k5": dict(n_experts=5, top_k=5)},
+))

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import (AdapterConfig, check_choice, check_non_negative, check_positive_int, check_probability,
-                      field_help, register_method)
+from ..config import (MethodSpec, ScaledRankConfig, check_choice, check_non_negative, check_positive_int,
+                      check_probability, field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, gate_shared_block, router_dtype, router_probs, switch_balance_loss,
@@ -47,11 +47,12 @@ SCHEDULES = ("increasing", "decreasing", "flat")
 
 
 @dataclass
-class MoSLDConfig(AdapterConfig):
+class MoSLDConfig(ScaledRankConfig):
+    """No ``lora_dropout``: MoSLD's dropout is the DropConnect on A (``dropconnect``)."""
+
     method = "mosld"
 
-    r: int = field_help("rank of the shared A and of every B_e", 8)
-    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r", 16)
+    r: int = field_help("rank of the shared A and of every B_e", 8)  # redeclared for its help (ScaledRankConfig)
     top_k: int = field_help("experts per token; the kept router weights are renormalised to sum 1", 2)
     dropconnect: float = field_help("DropConnect probability p on the shared A's weights (0 = MoSL)", 0.1)
     expert_schedule: str = field_help(
@@ -65,7 +66,7 @@ class MoSLDConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        for f in ("r", "top_k", "n_experts"):
+        for f in ("top_k", "n_experts"):
             check_positive_int(name, f, getattr(self, f))
         check_probability(name, "dropconnect", self.dropconnect)
         check_choice(name, "expert_schedule", self.expert_schedule, SCHEDULES)
@@ -81,10 +82,6 @@ class MoSLDConfig(AdapterConfig):
                              f"the {self.expert_schedule!r} schedule.")
         check_non_negative(name, "balance_weight", self.balance_weight)
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
-
     def experts_for_layer(self, layer_index: int, n_layers: int) -> int:
         """Experts of a layer at ``layer_index`` in a stack of ``n_layers`` (see the module docstring)."""
         if self.expert_schedule == "flat":
@@ -92,9 +89,6 @@ class MoSLDConfig(AdapterConfig):
         quarter = min(3, max(0, 4 * layer_index // max(n_layers, 1)))
         counts = self.expert_counts if self.expert_schedule == "increasing" else self.expert_counts[::-1]
         return counts[quarter]
-
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {"mosld_balance": self.balance_weight}
 
     def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
         """Closed form: r·d_in + E·r·d_out + E·d_in (shared A, experts' B, router)."""
@@ -140,8 +134,7 @@ class MoSLDLayer(TokenRoutedLayer):
         z = x2d @ a.T  # (N, r): the shared A once per token
         gated = gate_shared_block(z, gates, self.scaling)  # (N, E·r)
         if self._wants_aux(route) and self.config.balance_weight > 0:
-            self._record_aux("mosld_balance", switch_balance_loss(probs, selected, self.top_k, weight),
-                             self.config.balance_weight)
+            self._record_aux("mosld_balance", switch_balance_loss(probs, selected, self.top_k, weight))
         self._record_stats(route, lead, probs, gates, selected, self.top_k, weight)
         # Δy = gated blocks (N, E·r) @ B_cat (E·r, d_out): the base layer adds it into its output (addmm_)
         return gated, self.lora_B.view(e * r, -1)
@@ -173,4 +166,17 @@ class MoSLDLayer(TokenRoutedLayer):
         return f"{super().extra_repr()}, experts={self.n_experts}, top_k={self.top_k}, r={self.r}"
 
 
-register_method(MoSLDConfig, MoSLDLayer)
+register_method(MethodSpec(
+    MoSLDConfig, MoSLDLayer, routing="token", export="distilled", can_add_tasks=False,
+    aux_losses={"mosld_balance": "balance_weight"},
+    test_config=MoSLDConfig,
+    degenerate=lambda r, alpha, dropout, **kw: MoSLDConfig(expert_schedule="flat", n_experts=1, top_k=1, r=r,
+                                                           lora_alpha=alpha, dropconnect=dropout, **kw),
+    sized_config=lambda e, r, **kw: MoSLDConfig(expert_schedule="flat", n_experts=e, r=r, lora_alpha=2 * r,
+                                                balance_weight=0.0, **kw),
+    test_cases={"mosld_flat_e1_k1": dict(expert_schedule="flat", n_experts=1, top_k=1),
+                "mosld_flat_e3_k2": dict(expert_schedule="flat", n_experts=3, top_k=2),
+                "mosld_flat_e8_k2": dict(expert_schedule="flat", n_experts=8, top_k=2),
+                "mosld_flat_e4_k4": dict(expert_schedule="flat", n_experts=4, top_k=4),
+                "mosld_increasing_k2": dict(expert_schedule="increasing", top_k=2)},
+))

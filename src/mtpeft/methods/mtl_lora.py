@@ -39,26 +39,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import (AdapterConfig, check_choice, check_positive_int, check_positive_number, check_probability,
+from ..config import (LowRankConfig, MethodSpec, check_choice, check_positive_int, check_positive_number,
                       field_help, register_method)
 from ..core.context import Route, expand_rows
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
 from ..core.routing import gate_shared_block, one_hot
 from ..tasks_api import UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, grow_task_parameter, routing_table
-from ..core.dropout import dropout_linear
-from .lora import make_dropout
-from .task_lora import require_task_ids
+from ..core.dropout import dropout_linear, make_dropout
+from ..core.task_ids import require_task_ids
 
 
 @dataclass
-class MTLLoraConfig(AdapterConfig):
+class MTLLoraConfig(LowRankConfig):
     method = "mtl_lora"
     task_routed = True
     default_targets = "attention_all"
 
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank of the shared down-projection A and of Λ_t", 8)
-    lora_alpha: float = field_help("scale numerator: s = lora_alpha / r", 16)
     lora_dropout: float = field_help("dropout on the adapter input x", 0.05)
     n_up: int = field_help("n: number of up-projections B^1..B^n shared by all tasks", 3)
     temperature: float = field_help("τ of the per-task softmax over up-projections: π_t = softmax(w_t / τ)", 0.1)
@@ -71,17 +71,11 @@ class MTLLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        check_positive_int(name, "r", self.r)
         check_positive_int(name, "n_up", self.n_up)
-        check_probability(name, "lora_dropout", self.lora_dropout)
         check_positive_number(name, "temperature", self.temperature)
         check_choice(name, "lambda_type", self.lambda_type, ("full", "diagonal"))
         check_choice(name, "router_init", self.router_init, ("kaiming", "zeros"))
         check_choice(name, "unknown_task", self.unknown_task, UNKNOWN_TASK_CHOICES)
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
 
 
 class MTLLoraLayer(AdaptedLayer):
@@ -187,4 +181,11 @@ class MTLLoraLayer(AdaptedLayer):
         return f"{super().extra_repr()}, r={cfg.r}, n_up={cfg.n_up}, n_tasks={self.n_tasks}"
 
 
-register_method(MTLLoraConfig, MTLLoraLayer)
+register_method(MethodSpec(
+    MTLLoraConfig, MTLLoraLayer, routing="task", export="exact", can_add_tasks=True,
+    task_table=lambda layer, tasks: layer.mixing_weights(tasks),  # (G, n): π_t over the up-projections
+    unknown_task_field="unknown_task",
+    test_config=lambda **kw: MTLLoraConfig(**{"r": 4, "n_up": 3, "lora_dropout": 0.0, **kw}),
+    sized_config=lambda e, r, **kw: MTLLoraConfig(r=r, n_up=e, lora_dropout=0.0, **kw),
+    test_cases={"mtl_lora": {}, "mtl_lora_diag": {"n_up": 2, "lambda_type": "diagonal"}},
+))

@@ -43,12 +43,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, check_choice, check_positive_int, field_help, register_method
+from ..config import AdapterConfig, MethodSpec, check_choice, check_positive_int, field_help, register_method
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
+from ..core.task_ids import require_task_ids
 from ..tasks_api import UNKNOWN_TASK_CHOICES, UNKNOWN_TASK_HELP, grow_task_parameter, routing_table
-from .task_lora import require_task_ids
 
 EPS = 1e-12  # normaliser guard, as PEFT and mttl
 LOGIT_INIT = 1e-3  # routing logits start U(±1e-3): near-uniform skill weights
@@ -56,6 +56,9 @@ LOGIT_INIT = 1e-3  # routing logits start U(±1e-3): near-uniform skill weights
 
 @dataclass
 class PolyConfig(AdapterConfig):
+    """Poly's own ``r`` (not :class:`mtpeft.config.LowRankConfig`'s): its scale is 1/r, with no alpha and
+    no dropout."""
+
     method = "poly"
     task_routed = True
 
@@ -199,4 +202,18 @@ class PolyLayer(AdaptedLayer):
                 f"n_tasks={self.n_tasks}")
 
 
-register_method(PolyConfig, PolyLayer)
+def poly_spec(config_cls, layer_cls, **kw) -> MethodSpec:
+    """The capabilities Poly and C-Poly share (C-Poly registers its own config and layer with them)."""
+    return MethodSpec(
+        config_cls, layer_cls, routing="task", export="exact", can_add_tasks=True,
+        # (G, h, S): each task's eval-mode weights over the common skills, per split
+        task_table=lambda layer, tasks: layer.skill_weights(tasks, sample=False),
+        unknown_task_field="unknown_task", **kw)
+
+
+register_method(poly_spec(
+    PolyConfig, PolyLayer,
+    test_config=lambda **kw: PolyConfig(**{"r": 4, "n_skills": 3, **kw}),
+    sized_config=lambda e, r, **kw: PolyConfig(r=r, n_skills=e, **kw),
+    test_cases={"poly": {}, "mhr": {"n_splits": 2}},  # n_splits > 1 is MHR
+))

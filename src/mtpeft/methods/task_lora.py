@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import register_method
+from ..config import MethodSpec, register_method
 from ..core.context import Route
+from ..core.dropout import make_dropout
 from ..core.init import kaiming_uniform_
 from ..core.layer import AdaptedLayer
+from ..core.task_ids import require_task_ids
 from ..tasks_api import grow_task_parameter
-from .lora import LoraConfig, make_dropout
+from .lora import LoraConfig
 
 
 @dataclass
@@ -28,14 +30,9 @@ class TaskLoraConfig(LoraConfig):
     method = "task_lora"
     task_routed = True
 
-
-def require_task_ids(route: Route, method: str) -> torch.Tensor:
-    if route.row_task_ids is None:
-        raise ValueError(
-            f"{method} routes by task: pass task_ids (a LongTensor of shape (batch,)) to the model's "
-            f"forward or generate."
-        )
-    return route.row_task_ids
+    def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
+        """Closed form: T·r·(d_in + d_out), one LoRA per task."""
+        return self.n_tasks * self.r * (d_in + d_out)
 
 
 class TaskLoraLayer(AdaptedLayer):
@@ -72,4 +69,11 @@ class TaskLoraLayer(AdaptedLayer):
         return self.lora_A[task], self.lora_B[task] * self.scaling
 
 
-register_method(TaskLoraConfig, TaskLoraLayer)
+register_method(MethodSpec(
+    TaskLoraConfig, TaskLoraLayer, routing="task", export="exact", can_add_tasks=True,
+    test_config=lambda **kw: TaskLoraConfig(**{"r": 4, "lora_dropout": 0.0, **kw}),
+    sized_config=lambda e, r, **kw: TaskLoraConfig(r=r, **kw),  # the bench sets n_tasks
+    # one task: every example uses the same LoRA
+    degenerate=lambda r, alpha, dropout, **kw: TaskLoraConfig(
+        **{"r": r, "lora_alpha": alpha, "lora_dropout": dropout, **kw, "n_tasks": 1}),
+))

@@ -36,21 +36,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import (AdapterConfig, check_non_negative, check_positive_int, check_positive_number, check_probability,
+from ..config import (LowRankConfig, MethodSpec, check_non_negative, check_positive_int, check_positive_number,
                       field_help, register_method)
 from ..core.context import Route
 from ..core.init import kaiming_uniform_
 from ..core.routing import (TokenRoutedLayer, argmax_selected, gate_expert_blocks, masked_mean, router_dtype,
                             router_probs)
-from .lora import make_dropout
+from ..core.dropout import make_dropout
 
 
 @dataclass
-class TeamLoraConfig(AdapterConfig):
+class TeamLoraConfig(LowRankConfig):
     method = "teamlora"
     default_targets = "mlp"
 
     n_experts: int = field_help("number of experts E; the shared A has rank r_A = E·r", 4)
+    # r, lora_alpha, lora_dropout (and their checks, and scaling = α / r) come from LowRankConfig;
+    # redeclared here only for this method's defaults and help.
     r: int = field_help("rank r_B of each expert's B (and of each block of the shared A)", 8)
     lora_alpha: float = field_help("scale numerator: s = lora_alpha / r (per-expert rank)", 16)
     lora_dropout: float = field_help("dropout on z = A x (after A, not on x)", 0.05)
@@ -63,18 +65,9 @@ class TeamLoraConfig(AdapterConfig):
         super().__post_init__()
         name = type(self).__name__
         check_positive_int(name, "n_experts", self.n_experts)
-        check_positive_int(name, "r", self.r)
-        check_probability(name, "lora_dropout", self.lora_dropout)
         for f in ("interaction_init", "balance_weight"):
             check_non_negative(name, f, getattr(self, f))
         check_positive_number(name, "normalizer_eps", self.normalizer_eps)
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
-
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {"teamlora_balance": self.balance_weight}
 
     def parameters_per_layer(self, d_in: int, d_out: int, layer_index: int = 0, n_layers: int = 1) -> int:
         """Closed form: r_A·(d_in + d_out) + E·d_in + E² (shared A, experts' B, router, interaction)."""
@@ -89,16 +82,6 @@ def interaction_weights(phi: torch.Tensor, interaction: torch.Tensor | None, eps
     total = psi.sum(dim=-1, keepdim=True)
     total = torch.where(total >= 0, total.clamp_min(eps), total.clamp_max(-eps))
     return n_experts * psi / total
-
-
-def ffn_shapes(d_model: int, d_ff: int, n_layers: int) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every gated-MLP projection (gate, up, down) of a LLaMA-style stack."""
-    return [(d_model, d_ff), (d_model, d_ff), (d_ff, d_model)] * n_layers
-
-
-def trainable_percent(adapter_params: int, base_params: int) -> float:
-    """Adapter share in %, counted as PEFT's print_trainable_parameters does: adapter / (base + adapter)."""
-    return 100.0 * adapter_params / (base_params + adapter_params)
 
 
 class TeamLoraLayer(TokenRoutedLayer):
@@ -141,7 +124,7 @@ class TeamLoraLayer(TokenRoutedLayer):
         gated = gate_expert_blocks(z, w, self.scaling)  # (N, E·r)
         if self._wants_aux(route) and self.config.balance_weight > 0:
             balance = ((masked_mean(w, weight) - 1.0) ** 2).mean()
-            self._record_aux("teamlora_balance", balance, self.config.balance_weight)
+            self._record_aux("teamlora_balance", balance)
         if route.record:
             psi = w.detach() / e  # sums to 1 per token
             self._record_stats(route, lead, phi, psi, argmax_selected(psi), 1, weight)
@@ -182,4 +165,13 @@ class TeamLoraLayer(TokenRoutedLayer):
         return f"{super().extra_repr()}, experts={self.n_experts}, r_B={self.r}"
 
 
-register_method(TeamLoraConfig, TeamLoraLayer)
+register_method(MethodSpec(
+    TeamLoraConfig, TeamLoraLayer, routing="token", export="distilled", can_add_tasks=False,
+    aux_losses={"teamlora_balance": "balance_weight"},
+    test_config=TeamLoraConfig,
+    degenerate=lambda r, alpha, dropout, **kw: TeamLoraConfig(n_experts=1, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                              **kw),
+    sized_config=lambda e, r, **kw: TeamLoraConfig(n_experts=e, r=r, lora_alpha=2 * r, balance_weight=0.0, **kw),
+    test_cases={"teamlora_e1": dict(n_experts=1), "teamlora_e3": dict(n_experts=3),
+                "teamlora_e4_r2": dict(n_experts=4, r=2), "teamlora_e6_no_interaction": dict(n_experts=6, use_interaction=False)},
+))
