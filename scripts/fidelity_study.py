@@ -1,0 +1,191 @@
+"""The distilled exports' fidelity: a study's token-routed runs distilled per task into plain LoRAs at
+R = r_total/2, r_total, 2·r_total, least squares and routing-folded, each scored on the task's test split
+after loading it with stock PEFT (METHODS.md §10; docs/results.md, "Distilled exports").
+
+    python scripts/fidelity_study.py configs/study-encoder.yaml --out results/fidelity-encoder \\
+        --methods teamlora moelora mosld hydralora
+
+The study's runs for those methods are trained into OUT/runs (the study's own settings and seeds, seed by
+seed; resumable: a trained run is skipped), and each is distilled once per task after its training: one calibration pass
+(the first --calibration training examples of the task) and one held-out pass (as many validation
+examples) give the statistics every rank and mode is fitted from. Per run, OUT/distill/RUN.json holds
+every row (resumable too: a finished run is skipped); OUT/fidelity.json and OUT/fidelity.md the table.
+Times (statistics, fit, scoring) are recorded per row; they depend on what else the machine runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from mtpeft.distill import DEFAULT_RIDGE, MODES, default_rank, fidelity_report, fit_factors, write_distilled_folder
+from mtpeft.distill_run import evaluate_tasks, stock_peft_model, task_statistics
+from mtpeft.io import atomic_write_bytes
+from mtpeft.run_config import run_config_from_dict
+from mtpeft.study import load_study, planned_runs, run_study
+
+RANK_FACTORS = (0.5, 1.0, 2.0)
+
+
+def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int, log=print) -> dict:
+    known = [m["name"] for m in study["methods"]]
+    missing = sorted(set(methods) - set(known))
+    if missing:
+        raise SystemExit(f"the study has no method {missing}; its methods are {known}.")
+    study = {**study, "methods": [m for m in study["methods"] if m["name"] in methods],
+             "output_dir": str(out / "runs")}
+    study.pop("single_task", None)
+    rows = []
+    for planned in planned_runs(study):  # seed by seed: each run is distilled as soon as it is trained
+        run_dir = Path(planned["config"]["output_dir"])
+        if not (run_dir / "metrics.json").exists():
+            from mtpeft.pipeline import train_run
+
+            log(f"fidelity: training {run_dir.name}")
+            train_run(run_config_from_dict(planned["config"]), log=log)
+        done = out / "distill" / f"{run_dir.name}.json"
+        if not done.exists():
+            started = time.perf_counter()
+            result = distil_every_task(run_dir, calibration, log)
+            log(f"fidelity: {run_dir.name} took {time.perf_counter() - started:.0f} s")
+            done.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(done, (json.dumps(result, indent=2) + "\n").encode())
+        rows += [{"method": planned["label"], "seed": planned["seed"], **r}
+                 for r in json.loads(done.read_text())["rows"]]
+    run_study(study, log=log, train=False)  # the runs' own table (OUT/runs/results.md)
+    table = summarise(rows)
+    atomic_write_bytes(out / "fidelity.json", (json.dumps({"rows": rows, "table": table}, indent=2) + "\n").encode())
+    (out / "fidelity.md").write_text(markdown(table) + "\n")
+    return table
+
+
+def total_rank(model) -> int:
+    """The layers' total adapter rank r_total (one value: the factors R = f·r_total apply to every layer)."""
+    ranks = {default_rank(layer, None) for _, layer in model.adapted_layers()}
+    if len(ranks) != 1:
+        raise SystemExit(f"the adapted layers have different total ranks {sorted(ranks)}; this study fits one "
+                         f"R for every layer.")
+    return ranks.pop()
+
+
+def distil_every_task(run_dir: Path, calibration: int, log) -> dict:
+    from mtpeft.pipeline import load_run
+
+    model, tokenizer, kind, tasks, run = load_run(run_dir)
+    r_total = total_rank(model)
+    limit = min(min(layer.in_features, layer.out_features) for _, layer in model.adapted_layers())
+    rows = []
+    for task_id, task in enumerate(tasks):
+        started = time.perf_counter()
+        calib, held, counts = task_statistics(model, tokenizer, kind, tasks, run, [task_id], calibration, task_id)
+        stats_s = time.perf_counter() - started
+        mixture = evaluate_tasks(model, tokenizer, kind, tasks, run, [task.name])["tasks"][task.name]["score"]
+        for mode in MODES:
+            previous = None  # (update per layer, score) of the last rank scored in this mode
+            for factor in RANK_FACTORS:
+                rank = min(max(1, round(factor * r_total)), limit)
+                started = time.perf_counter()
+                factors, details = fit_factors(model, calib, task=task_id, rank=rank, ridge=DEFAULT_RIDGE, mode=mode)
+                fit_s = time.perf_counter() - started
+                report = fidelity_report(model, factors, details, calib, held, mode=mode, task=task_id,
+                                         ridge=DEFAULT_RIDGE)
+                updates = {name: b @ a for name, (a, b) in factors.items()}  # (d_out, d_in) per layer
+                started = time.perf_counter()
+                if previous is not None and _same_updates(updates, previous[0]):
+                    # The update's output lies in the span of the experts' B columns (rank <= r_total), so
+                    # a larger R adds only zero singular values: the same LoRA, scored once.
+                    score, same = previous[1], True
+                else:
+                    score, same = _score_distilled(model, factors, report, task_id, task, tokenizer, kind, tasks,
+                                                   run), False
+                previous = (updates, score)
+                score_s = time.perf_counter() - started
+                rows.append({"task": task.name, "mode": mode, "rank_factor": factor, "rank": rank,
+                             "r_total": r_total, "mixture": mixture, "distilled": score,
+                             "same_update_as_smaller_rank": same,
+                             "mean_error": report["mean_error"], "max_error": report["max_error"],
+                             "statistics_s": stats_s, "fit_s": fit_s, "score_s": score_s, **counts})
+                log(f"fidelity: {run_dir.name} {task.name} {mode} R={rank}: mixture {mixture:.4f}, distilled "
+                    f"{score:.4f}, held-out error {report['mean_error']:.3f}" + (" (same update)" if same else ""))
+    return {"run": str(run_dir), "method": model.config.method, "rows": rows}
+
+
+def _same_updates(a: dict, b: dict, tolerance: float = 1e-6) -> bool:
+    return all(float((a[n] - b[n]).norm()) <= tolerance * max(float(b[n].norm()), 1e-30) for n in a)
+
+
+def _score_distilled(model, factors, report, task_id, task, tokenizer, kind, tasks, run) -> float:
+    """The task's test score of the LoRA written as `mtpeft export` writes it and loaded with stock PEFT."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "lora"
+        write_distilled_folder(model, folder, factors, report, task=task_id,
+                               labels=list(task.spec.labels or []) or None)
+        scored = evaluate_tasks(stock_peft_model(model, folder), tokenizer, kind, tasks, run, [task.name])
+    return scored["tasks"][task.name]["score"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per method and task: the mixture's score and each variant's, mean and std over seeds; the paired
+    difference (distilled − mixture, same seed) and the held-out output error."""
+    table = {}
+    for r in rows:
+        entry = table.setdefault(r["method"], {}).setdefault(r["task"], {"mixture": {}, "variants": {}})
+        entry["mixture"][r["seed"]] = r["mixture"]
+        key = f"{r['mode']} x{r['rank_factor']:g}"
+        entry["variants"].setdefault(key, {"rank": r["rank"], "score": {}, "error": {}})
+        entry["variants"][key]["score"][r["seed"]] = r["distilled"]
+        entry["variants"][key]["error"][r["seed"]] = r["mean_error"]
+    for tasks in table.values():
+        for entry in tasks.values():
+            entry["mixture"] = _mean_std(list(entry["mixture"].values())) | {"by_seed": entry["mixture"]}
+            for variant in entry["variants"].values():
+                seeds = sorted(variant["score"])
+                diffs = [variant["score"][s] - entry["mixture"]["by_seed"][s] for s in seeds]
+                variant["difference"] = _mean_std(diffs)
+                variant["error"] = _mean_std([variant["error"][s] for s in seeds])
+                variant["score"] = _mean_std([variant["score"][s] for s in seeds]) | {"by_seed": variant["score"]}
+    return table
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def markdown(table: dict) -> str:
+    variants = [f"{m} x{f:g}" for m in MODES for f in RANK_FACTORS]
+    short = {"least_squares": "LS", "routing_folded": "RF"}
+    head = ["method", "task", "mixture"] + [f"{short[v.split()[0]]} R={v.split()[1][1:]}·r" for v in variants]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, tasks in table.items():
+        for task, entry in tasks.items():
+            cells = [method, task, _pct(entry["mixture"])]
+            for v in variants:
+                d = entry["variants"][v]["difference"]
+                cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (err {entry['variants'][v]['error']['mean']:.2f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", help="a study config (configs/study-encoder.yaml)")
+    parser.add_argument("overrides", nargs="*", help="study overrides as for `mtpeft study`, e.g. seeds=[0]")
+    parser.add_argument("--out", required=True, help="folder for the runs, the per-run rows and the table")
+    parser.add_argument("--methods", nargs="+", required=True, help="the study's token-routed method names")
+    parser.add_argument("--calibration", type=int, default=256, help="calibration examples per task (256)")
+    args = parser.parse_args()
+    table = fidelity_study(load_study(args.study, args.overrides), Path(args.out), args.methods, args.calibration)
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
