@@ -63,21 +63,17 @@ def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int,
     return table
 
 
-def total_rank(model) -> int:
-    """The layers' total adapter rank r_total (one value: the factors R = f·r_total apply to every layer)."""
-    ranks = {default_rank(layer, None) for _, layer in model.adapted_layers()}
-    if len(ranks) != 1:
-        raise SystemExit(f"the adapted layers have different total ranks {sorted(ranks)}; this study fits one "
-                         f"R for every layer.")
-    return ranks.pop()
+def total_ranks(model) -> dict[str, int]:
+    """Each adapted layer's total adapter rank r_total (MoSLD's expert count, so its rank, grows with depth)."""
+    return {name: default_rank(layer, None) for name, layer in model.adapted_layers()}
 
 
 def distil_every_task(run_dir: Path, calibration: int, log) -> dict:
     from mtpeft.pipeline import load_run
 
     model, tokenizer, kind, tasks, run = load_run(run_dir)
-    r_total = total_rank(model)
-    limit = min(min(layer.in_features, layer.out_features) for _, layer in model.adapted_layers())
+    r_total = total_ranks(model)
+    limits = {name: min(layer.in_features, layer.out_features) for name, layer in model.adapted_layers()}
     rows = []
     for task_id, task in enumerate(tasks):
         started = time.perf_counter()
@@ -87,9 +83,9 @@ def distil_every_task(run_dir: Path, calibration: int, log) -> dict:
         for mode in MODES:
             previous = None  # (update per layer, score) of the last rank scored in this mode
             for factor in RANK_FACTORS:
-                rank = min(max(1, round(factor * r_total)), limit)
+                ranks = {n: min(max(1, round(factor * r)), limits[n]) for n, r in r_total.items()}
                 started = time.perf_counter()
-                factors, details = fit_factors(model, calib, task=task_id, rank=rank, ridge=DEFAULT_RIDGE, mode=mode)
+                factors, details = fit_factors(model, calib, task=task_id, rank=ranks, ridge=DEFAULT_RIDGE, mode=mode)
                 fit_s = time.perf_counter() - started
                 report = fidelity_report(model, factors, details, calib, held, mode=mode, task=task_id,
                                          ridge=DEFAULT_RIDGE)
@@ -104,12 +100,13 @@ def distil_every_task(run_dir: Path, calibration: int, log) -> dict:
                                                    run), False
                 previous = (updates, score)
                 score_s = time.perf_counter() - started
+                rank = sum(ranks.values()) / len(ranks)  # the mean over layers (one value unless MoSLD)
                 rows.append({"task": task.name, "mode": mode, "rank_factor": factor, "rank": rank,
-                             "r_total": r_total, "mixture": mixture, "distilled": score,
+                             "r_total": sum(r_total.values()) / len(r_total), "mixture": mixture, "distilled": score,
                              "same_update_as_smaller_rank": same,
                              "mean_error": report["mean_error"], "max_error": report["max_error"],
                              "statistics_s": stats_s, "fit_s": fit_s, "score_s": score_s, **counts})
-                log(f"fidelity: {run_dir.name} {task.name} {mode} R={rank}: mixture {mixture:.4f}, distilled "
+                log(f"fidelity: {run_dir.name} {task.name} {mode} R={rank:g}: mixture {mixture:.4f}, distilled "
                     f"{score:.4f}, held-out error {report['mean_error']:.3f}" + (" (same update)" if same else ""))
     return {"run": str(run_dir), "method": model.config.method, "rows": rows}
 

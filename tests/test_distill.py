@@ -403,3 +403,21 @@ def test_factors_are_balanced_whatever_the_calibration_size(tmp_path):
         sa, sb = small.factors[name]
         torch.testing.assert_close(b @ a, sb @ sa, rtol=1e-3, atol=1e-4)  # G, H scale together: same fit
         assert float(b.abs().max()) < 1e3
+
+
+def test_a_rank_per_layer_fits_each_layer_at_its_own_rank(tmp_path):
+    """fit_factors(rank={layer: R}) (how the fidelity study scales each MoSLD layer's own total rank): each
+    layer gets its R, and a layer asked for its default rank gets the same factors as rank=None."""
+    from mtpeft.distill import collect_statistics, default_rank, fit_factors
+
+    model = wrap(TOKEN_ROUTED["mosld"]())
+    stats = collect_statistics(model, batches(4, seed=0), task=0)
+    defaults = {name: default_rank(layer, 0) for name, layer in model.adapted_layers()}
+    assert len(set(defaults.values())) > 1  # MoSLD's expert count, so its rank, differs between layers
+    halves = {name: max(1, r // 2) for name, r in defaults.items()}
+    half, _ = fit_factors(model, stats, task=0, rank=halves, ridge=1e-3, mode="least_squares")
+    assert {name: a.shape[0] for name, (a, _) in half.items()} == halves
+    full, _ = fit_factors(model, stats, task=0, rank=defaults, ridge=1e-3, mode="least_squares")
+    default, _ = fit_factors(model, stats, task=0, rank=None, ridge=1e-3, mode="least_squares")
+    for name, (a, b) in full.items():
+        torch.testing.assert_close(b @ a, default[name][1] @ default[name][0])

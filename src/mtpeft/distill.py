@@ -30,7 +30,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -237,7 +237,8 @@ class Distillation:
 @torch.no_grad()
 def fit_factors(model, calibration: dict[str, LayerStatistics], *, task: int | None, rank: int | None,
                 ridge: float, mode: str) -> tuple[dict, dict]:
-    """Per layer (A, B) in fp32 and its fit details (R, λ)."""
+    """Per layer (A, B) in fp32 and its fit details (R, λ). ``rank``: one R for every layer, a mapping
+    layer name -> R, or None for each layer's total adapter rank."""
     factors, details = {}, {}
     for name, layer in model.adapted_layers():
         stats = calibration[name]
@@ -249,7 +250,10 @@ def fit_factors(model, calibration: dict[str, LayerStatistics], *, task: int | N
             delta = ridge_solve(stats.gram, stats.cross, lam)
         else:
             delta = routing_folded_update(layer, stats)
-        r = rank if rank is not None else default_rank(layer, task)
+        if isinstance(rank, Mapping):  # R per layer (a study scaling each layer's own total rank)
+            r = rank[name]
+        else:
+            r = rank if rank is not None else default_rank(layer, task)
         a, b = data_norm_truncate(delta, stats.gram, lam, r)
         factors[name] = (a.float(), b.float())
         details[name] = {"rank": r, "ridge_lambda": lam}
