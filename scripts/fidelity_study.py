@@ -125,11 +125,24 @@ def _score_distilled(model, factors, report, task_id, task, tokenizer, kind, tas
     return scored["tasks"][task.name]["score"]
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per method and task: the mixture's score and each variant's, mean and std over seeds; the paired
-    difference (distilled − mixture, same seed) and the held-out output error."""
-    table = {}
+def with_averages(rows: list[dict]) -> list[dict]:
+    """``rows`` plus, per method, seed and variant, a row "average" over the tasks (as the suite's table
+    averages per seed first)."""
+    groups = {}
     for r in rows:
+        groups.setdefault((r["method"], r["seed"], r["mode"], r["rank_factor"]), []).append(r)
+    averages = [{"method": m, "seed": s, "mode": mode, "rank_factor": f, "task": "average",
+                 "rank": group[0]["rank"],
+                 **{k: statistics.mean(r[k] for r in group) for k in ("mixture", "distilled", "mean_error")}}
+                for (m, s, mode, f), group in groups.items()]
+    return rows + averages
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per method and task (and their average): the mixture's score and each variant's, mean and std over
+    seeds; the paired difference (distilled − mixture, same seed) and the held-out output error."""
+    table = {}
+    for r in with_averages(rows):
         entry = table.setdefault(r["method"], {}).setdefault(r["task"], {"mixture": {}, "variants": {}})
         entry["mixture"][r["seed"]] = r["mixture"]
         key = f"{r['mode']} x{r['rank_factor']:g}"
@@ -153,18 +166,32 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
+VARIANTS = [(mode, factor) for mode in MODES for factor in RANK_FACTORS]
+SHORT = {"least_squares": "least squares", "routing_folded": "routing folded"}
+
+
+def _variant_label(mode: str, factor: float) -> str:
+    return f"{SHORT[mode]}, R = {'r/2' if factor == 0.5 else ('r' if factor == 1 else f'{factor:g}r')}"
+
+
 def markdown(table: dict) -> str:
-    variants = [f"{m} x{f:g}" for m in MODES for f in RANK_FACTORS]
-    short = {"least_squares": "LS", "routing_folded": "RF"}
-    head = ["method", "task", "mixture"] + [f"{short[v.split()[0]]} R={v.split()[1][1:]}·r" for v in variants]
+    """Two tables: the test score of the mixture and the change the distilled LoRA makes (points, paired
+    by seed), per method and task; then the held-out relative output error, per method (mean over tasks)."""
+    head = ["method", "task", "mixture (%)"] + [_variant_label(m, f) for m, f in VARIANTS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, tasks in table.items():
         for task, entry in tasks.items():
             cells = [method, task, _pct(entry["mixture"])]
-            for v in variants:
-                d = entry["variants"][v]["difference"]
-                cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (err {entry['variants'][v]['error']['mean']:.2f})")
+            for mode, factor in VARIANTS:
+                d = entry["variants"][f"{mode} x{factor:g}"]["difference"]
+                cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| method | " + " | ".join(_variant_label(m, f) for m, f in VARIANTS) + " |",
+              "|---|" + "---|" * len(VARIANTS)]
+    for method, tasks in table.items():
+        errors = [statistics.mean(e["variants"][f"{m} x{f:g}"]["error"]["mean"] for e in tasks.values())
+                  for m, f in VARIANTS]
+        lines.append(f"| {method} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
     return "\n".join(lines)
 
 
