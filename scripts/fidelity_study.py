@@ -31,7 +31,8 @@ from mtpeft.study import load_study, planned_runs, run_study
 RANK_FACTORS = (0.5, 1.0, 2.0)
 
 
-def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int, log=print) -> dict:
+def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int, log=print,
+                   factors: tuple[float, ...] = RANK_FACTORS) -> dict:
     known = [m["name"] for m in study["methods"]]
     missing = sorted(set(methods) - set(known))
     if missing:
@@ -50,7 +51,7 @@ def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int,
         done = out / "distill" / f"{run_dir.name}.json"
         if not done.exists():
             started = time.perf_counter()
-            result = distil_every_task(run_dir, calibration, log)
+            result = distil_every_task(run_dir, calibration, log, factors)
             log(f"fidelity: {run_dir.name} took {time.perf_counter() - started:.0f} s")
             done.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(done, (json.dumps(result, indent=2) + "\n").encode())
@@ -68,7 +69,7 @@ def total_ranks(model) -> dict[str, int]:
     return {name: default_rank(layer, None) for name, layer in model.adapted_layers()}
 
 
-def distil_every_task(run_dir: Path, calibration: int, log) -> dict:
+def distil_every_task(run_dir: Path, calibration: int, log, factors: tuple[float, ...] = RANK_FACTORS) -> dict:
     from mtpeft.pipeline import load_run
 
     model, tokenizer, kind, tasks, run = load_run(run_dir)
@@ -82,7 +83,7 @@ def distil_every_task(run_dir: Path, calibration: int, log) -> dict:
         mixture = evaluate_tasks(model, tokenizer, kind, tasks, run, [task.name])["tasks"][task.name]["score"]
         for mode in MODES:
             previous = None  # (update per layer, score) of the last rank scored in this mode
-            for factor in RANK_FACTORS:
+            for factor in factors:
                 ranks = {n: min(max(1, round(factor * r)), limits[n]) for n, r in r_total.items()}
                 started = time.perf_counter()
                 factors, details = fit_factors(model, calib, task=task_id, rank=ranks, ridge=DEFAULT_RIDGE, mode=mode)
@@ -166,8 +167,14 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
-VARIANTS = [(mode, factor) for mode in MODES for factor in RANK_FACTORS]
 SHORT = {"least_squares": "least squares", "routing_folded": "routing folded"}
+
+
+def _variants(table: dict) -> list[tuple[str, float]]:
+    """The (mode, rank factor) pairs the table holds, modes in MODES' order, ranks ascending."""
+    keys = {k for tasks in table.values() for e in tasks.values() for k in e["variants"]}
+    pairs = {(k.split(" x")[0], float(k.split(" x")[1])) for k in keys}
+    return sorted(pairs, key=lambda p: (MODES.index(p[0]), p[1]))
 
 
 def _variant_label(mode: str, factor: float) -> str:
@@ -177,20 +184,21 @@ def _variant_label(mode: str, factor: float) -> str:
 def markdown(table: dict) -> str:
     """Two tables: the test score of the mixture and the change the distilled LoRA makes (points, paired
     by seed), per method and task; then the held-out relative output error, per method (mean over tasks)."""
-    head = ["method", "task", "mixture (%)"] + [_variant_label(m, f) for m, f in VARIANTS]
+    variants = _variants(table)
+    head = ["method", "task", "mixture (%)"] + [_variant_label(m, f) for m, f in variants]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, tasks in table.items():
         for task, entry in tasks.items():
             cells = [method, task, _pct(entry["mixture"])]
-            for mode, factor in VARIANTS:
+            for mode, factor in variants:
                 d = entry["variants"][f"{mode} x{factor:g}"]["difference"]
                 cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| method | " + " | ".join(_variant_label(m, f) for m, f in VARIANTS) + " |",
-              "|---|" + "---|" * len(VARIANTS)]
+    lines += ["", "| method | " + " | ".join(_variant_label(m, f) for m, f in variants) + " |",
+              "|---|" + "---|" * len(variants)]
     for method, tasks in table.items():
         errors = [statistics.mean(e["variants"][f"{m} x{f:g}"]["error"]["mean"] for e in tasks.values())
-                  for m, f in VARIANTS]
+                  for m, f in variants]
         lines.append(f"| {method} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
     return "\n".join(lines)
 
@@ -206,8 +214,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the runs, the per-run rows and the table")
     parser.add_argument("--methods", nargs="+", required=True, help="the study's token-routed method names")
     parser.add_argument("--calibration", type=int, default=256, help="calibration examples per task (256)")
+    parser.add_argument("--rank-factors", type=float, nargs="+", default=list(RANK_FACTORS),
+                        help="R as multiples of each layer's total rank (0.5 1 2)")
     args = parser.parse_args()
-    table = fidelity_study(load_study(args.study, args.overrides), Path(args.out), args.methods, args.calibration)
+    table = fidelity_study(load_study(args.study, args.overrides), Path(args.out), args.methods, args.calibration,
+                           factors=tuple(args.rank_factors))
     print(markdown(table))
 
 
