@@ -15,8 +15,8 @@ import sys
 import torch
 
 import mtpeft as mt
-from mtpeft.bench.layer import standalone
-from mtpeft.bench.timing import interleaved, set_threads
+from mtpeft.app.bench.layer import standalone
+from mtpeft.app.bench.timing import interleaved, set_threads
 
 
 def mtl_cases(fb, d_out: int) -> dict:

@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from mtpeft.distill import DEFAULT_RIDGE, MODES, default_rank, fidelity_report, fit_factors, write_distilled_folder
-from mtpeft.distill_run import evaluate_tasks, stock_peft_model, task_statistics
-from mtpeft.io import atomic_write_bytes
-from mtpeft.run_config import run_config_from_dict
-from mtpeft.study import load_study, planned_runs, run_study
+from mtpeft.lib.distill import DEFAULT_RIDGE, MODES, default_rank, fidelity_report, fit_factors, write_distilled_folder
+from mtpeft.app.distill_run import evaluate_tasks, stock_peft_model, task_statistics
+from mtpeft.lib.io import atomic_write_bytes
+from mtpeft.app.run_config import run_config_from_dict
+from mtpeft.app.study import load_study, planned_runs, run_study
 
 RANK_FACTORS = (0.5, 1.0, 2.0)
 
@@ -44,7 +44,7 @@ def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int,
     for planned in planned_runs(study):  # seed by seed: each run is distilled as soon as it is trained
         run_dir = Path(planned["config"]["output_dir"])
         if not (run_dir / "metrics.json").exists():
-            from mtpeft.pipeline import train_run
+            from mtpeft.app.pipeline import train_run
 
             log(f"fidelity: training {run_dir.name}")
             train_run(run_config_from_dict(planned["config"]), log=log)
@@ -70,7 +70,7 @@ def total_ranks(model) -> dict[str, int]:
 
 
 def distil_every_task(run_dir: Path, calibration: int, log, factors: tuple[float, ...] = RANK_FACTORS) -> dict:
-    from mtpeft.pipeline import load_run
+    from mtpeft.app.pipeline import load_run
 
     model, tokenizer, kind, tasks, run = load_run(run_dir)
     r_total = total_ranks(model)

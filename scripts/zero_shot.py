@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 import mtpeft
-from mtpeft.base_models import build_base, model_kind
-from mtpeft.pipeline import evaluate_run_model, load_run_tasks
-from mtpeft.run_config import load_run_config
+from mtpeft.app.base_models import build_base, model_kind
+from mtpeft.app.pipeline import evaluate_run_model, load_run_tasks
+from mtpeft.app.run_config import load_run_config
 
 
 def main() -> None:

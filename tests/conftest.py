@@ -31,7 +31,7 @@ def smollm2_tokenizer():
     """SmolLM2's tokenizer: from the converted cache folder when it exists (0.3 s), else from the GGUF (~5 s)."""
     from transformers import AutoTokenizer
 
-    from mtpeft.assets import cache_dir, smollm2_gguf
+    from mtpeft.app.assets import cache_dir, smollm2_gguf
 
     converted = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (converted / "tokenizer.json").is_file():

@@ -3,7 +3,7 @@ test can SIGKILL it, or so that it can SIGKILL itself).
 
     python tests/crash_worker.py train CONFIG.yaml --no-eval        (any `mtpeft` arguments)
 
-runs ``mtpeft.cli.main`` unchanged, plus the hook named by one environment variable:
+runs ``mtpeft.app.cli.main`` unchanged, plus the hook named by one environment variable:
 
 * ``MTPEFT_CRASH_PAUSE=STEP:READY_FILE``: after optimizer step STEP, write READY_FILE and sleep; the test
   then SIGKILLs the process (a kill between two checkpoints, at a point the test controls).
@@ -38,7 +38,7 @@ def die() -> None:
 def install_pause(step: int, ready: Path) -> None:
     from transformers import TrainerCallback
 
-    import mtpeft.pipeline
+    import mtpeft.app.pipeline
 
     class Pause(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -46,23 +46,23 @@ def install_pause(step: int, ready: Path) -> None:
                 ready.write_text(str(os.getpid()))
                 time.sleep(600)
 
-    train_run = mtpeft.pipeline.train_run
+    train_run = mtpeft.app.pipeline.train_run
 
     def with_pause(run, **kwargs):
         return train_run(run, **{**kwargs, "callbacks": [*(kwargs.get("callbacks") or []), Pause()]})
 
-    mtpeft.pipeline.train_run = with_pause  # cli.cmd_train imports it at call time
+    mtpeft.app.pipeline.train_run = with_pause  # cli.cmd_train imports it at call time
 
 
 def install_kill(step: int, where: str) -> None:
     import shutil
 
-    import mtpeft.io
-    import mtpeft.trainer
+    import mtpeft.lib.io
+    import mtpeft.app.trainer
 
     folder = f"checkpoint-{step}"
     if where == "adapter":
-        real = mtpeft.io.atomic_write_bytes
+        real = mtpeft.lib.io.atomic_write_bytes
 
         def half_then_die(path, data):
             path = Path(path)
@@ -75,20 +75,20 @@ def install_kill(step: int, where: str) -> None:
                 die()
             real(path, data)
 
-        mtpeft.io.atomic_write_bytes = half_then_die  # atomic_save_safetensors looks it up here
+        mtpeft.lib.io.atomic_write_bytes = half_then_die  # atomic_save_safetensors looks it up here
     elif where == "marker":
-        real = mtpeft.trainer.atomic_write_bytes
+        real = mtpeft.app.trainer.atomic_write_bytes
 
         def die_before_marker(path, data):
             path = Path(path)
-            if path.parent.name == folder and path.name == mtpeft.trainer.COMPLETE_MARKER:
+            if path.parent.name == folder and path.name == mtpeft.app.trainer.COMPLETE_MARKER:
                 die()
             real(path, data)
 
-        mtpeft.trainer.atomic_write_bytes = die_before_marker
+        mtpeft.app.trainer.atomic_write_bytes = die_before_marker
     elif where == "rotate":
         def rmtree(path, *args, **kwargs):
-            done = mtpeft.trainer.complete_checkpoints(Path(path).parent)
+            done = mtpeft.app.trainer.complete_checkpoints(Path(path).parent)
             if done and done[-1].name == folder:  # rotating older checkpoints out after COMPLETE of STEP
                 files = sorted(p for p in Path(path).rglob("*") if p.is_file())
                 if files:
@@ -96,7 +96,7 @@ def install_kill(step: int, where: str) -> None:
                 die()
             shutil.rmtree(path, *args, **kwargs)
 
-        mtpeft.trainer.shutil = types.SimpleNamespace(rmtree=rmtree)
+        mtpeft.app.trainer.shutil = types.SimpleNamespace(rmtree=rmtree)
     else:
         raise SystemExit(f"unknown crash point {where!r}")
 
@@ -111,7 +111,7 @@ def main() -> int:
     if kill:
         step, where = kill.split(":", 1)
         install_kill(int(step), where)
-    from mtpeft.cli import main as cli_main
+    from mtpeft.app.cli import main as cli_main
 
     return cli_main(sys.argv[1:])
 

@@ -56,7 +56,7 @@ METHOD_OVERRIDES = {
 
 
 def _package_methods() -> list[str]:
-    from mtpeft.config import package_methods
+    from mtpeft.lib.config import package_methods
 
     return package_methods()
 
@@ -74,7 +74,7 @@ def make_fixture(root) -> tuple[Path, list[dict]]:
     """A 2-layer BERT (hidden 32, dropout 0) with MiniLM's tokenizer, and two small json tasks."""
     from transformers import BertConfig, BertModel
 
-    from mtpeft.assets import minilm_path
+    from mtpeft.app.assets import minilm_path
 
     root = Path(root)
     folder = root / "tiny_bert"
@@ -124,7 +124,7 @@ def _config(method: str, aux: bool = True):
     are not linear in the batch, so the exact DDP == one-process comparisons run without them."""
     import dataclasses
 
-    from mtpeft.config import get_config_class
+    from mtpeft.lib.config import get_config_class
 
     cls = get_config_class(method)
     fields = dict(METHOD_CONFIGS[method], n_tasks=N_TASKS)
@@ -149,7 +149,7 @@ def _rows(batch: dict, rank: int, world: int) -> dict:
 
 
 def _adapter_tensors(model) -> dict[str, torch.Tensor]:
-    from mtpeft.distributed import full_adapter_state_dict
+    from mtpeft.lib.distributed import full_adapter_state_dict
 
     return full_adapter_state_dict(model)
 
@@ -200,8 +200,8 @@ def gloo_threads() -> list[str]:
 def leave_process_group() -> None:
     """Every rank leaves the process group and checks that no gloo thread is left to die during
     interpreter shutdown (what made these jobs abort now and then with SIGABRT: see
-    mtpeft.distributed.destroy_distributed). The caller has dropped its models by now."""
-    from mtpeft.distributed import destroy_distributed
+    mtpeft.lib.distributed.destroy_distributed). The caller has dropped its models by now."""
+    from mtpeft.lib.distributed import destroy_distributed
 
     destroy_distributed()
     left = gloo_threads()
@@ -214,7 +214,7 @@ def ddp_methods(out: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from mtpeft.distributed import destroy_distributed, init_distributed, is_main_process, rank, world_size
+    from mtpeft.lib.distributed import destroy_distributed, init_distributed, is_main_process, rank, world_size
 
     init_distributed("gloo")
     r, world = rank(), world_size()
@@ -262,7 +262,7 @@ def fsdp2(out: Path) -> None:
     from transformers import LlamaForCausalLM
 
     import mtpeft
-    from mtpeft.distributed import (init_distributed, is_main_process, load_adapter_weights, materialize_sharded,
+    from mtpeft.lib.distributed import (init_distributed, is_main_process, load_adapter_weights, materialize_sharded,
                                     rank, save_adapter, shard_model, world_size)
     from tiny_models import tiny_llama
 
@@ -315,8 +315,8 @@ def fsdp2(out: Path) -> None:
 def pipeline(out: Path, config: str, stop_at: str | None = None) -> None:
     from transformers import TrainerCallback
 
-    from mtpeft.pipeline import train_run
-    from mtpeft.run_config import load_run_config
+    from mtpeft.app.pipeline import train_run
+    from mtpeft.app.run_config import load_run_config
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -325,7 +325,7 @@ def pipeline(out: Path, config: str, stop_at: str | None = None) -> None:
 
     run = load_run_config(config)
     train_run(run, evaluate=False, log=lambda *a: None, callbacks=[StopAt()] if stop_at else None)
-    from mtpeft.distributed import is_main_process
+    from mtpeft.lib.distributed import is_main_process
 
     if is_main_process():
         out.write_text(json.dumps({"ok": True}))

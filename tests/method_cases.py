@@ -9,7 +9,7 @@ suite to run it: the parametrised IDs are the method names.
 from __future__ import annotations
 
 import new_method
-from mtpeft.config import MethodSpec, get_method_spec, package_methods
+from mtpeft.lib.config import MethodSpec, get_method_spec, package_methods
 
 TEST_DEFINED = (new_method.SPEC.name,)
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtpeft.config import (LowRankConfig, MethodSpec, check_non_negative, check_positive_int, check_positive_number,
+from mtpeft.lib.config import (LowRankConfig, MethodSpec, check_non_negative, check_positive_int, check_positive_number,
                            field_help, register_method)
-from mtpeft.core.dropout import dropout_linear, make_dropout
-from mtpeft.core.init import kaiming_uniform_
-from mtpeft.core.routing import TokenRoutedLayer, argmax_selected, gate_shared_block, switch_balance_loss
+from mtpeft.lib.core.dropout import dropout_linear, make_dropout
+from mtpeft.lib.core.init import kaiming_uniform_
+from mtpeft.lib.core.routing import TokenRoutedLayer, argmax_selected, gate_shared_block, switch_balance_loss
 
 
 @dataclass

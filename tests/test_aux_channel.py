@@ -13,7 +13,7 @@ from tiny_models import BUILDERS, batch_for
 from transformers import Trainer, TrainingArguments
 
 import mtpeft
-from mtpeft.methods.lora import LoraConfig, LoraLayer
+from mtpeft.lib.methods.lora import LoraConfig, LoraLayer
 
 PROBE_WEIGHT = 0.5
 

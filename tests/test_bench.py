@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpeft import bench
-from mtpeft.cli import main as cli_main
+from mtpeft.app.cli import main as cli_main
 
 
 # ------------------------------------------------------------------------------- smoke: --quick
@@ -160,7 +160,7 @@ def test_only_through_the_cli_times_and_reports_just_those_groups(tmp_path):
 
 
 def test_adapter_dropout_has_torch_dropouts_distribution():
-    from mtpeft.core.dropout import Dropout, dropout_mask
+    from mtpeft.lib.core.dropout import Dropout, dropout_mask
 
     torch.manual_seed(0)
     p, n, draws = 0.05, 997, 3000
@@ -196,7 +196,7 @@ def test_adapter_dropout_has_torch_dropouts_distribution():
 
 
 def test_dropout_linear_drops_what_dropout_drops_and_keeps_less_for_backward():
-    from mtpeft.core.dropout import Dropout, dropout_linear
+    from mtpeft.lib.core.dropout import Dropout, dropout_linear
 
     drop = Dropout(0.1).train()
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
@@ -231,7 +231,7 @@ def test_dropout_linear_drops_what_dropout_drops_and_keeps_less_for_backward():
 
 
 def test_moelora_contrastive_from_blocks_equals_the_loss_on_normalised_outputs():
-    from mtpeft.methods.moelora import contrastive_loss_from_blocks, expert_contrastive_loss
+    from mtpeft.lib.methods.moelora import contrastive_loss_from_blocks, expert_contrastive_loss
 
     torch.manual_seed(0)
     m, e, r, d = 96, 8, 4, 40
@@ -281,7 +281,7 @@ def test_merged_layers_check_the_task_ids_once_per_tensor_but_see_in_place_chang
 
 
 def test_answer_loss_pair_trains_on_the_last_tokens_with_and_without_full_logits():
-    from mtpeft.bench import ANSWER_TOKENS, MODELS, batch_for, train_groups, train_variants
+    from mtpeft.app.bench import ANSWER_TOKENS, MODELS, batch_for, train_groups, train_variants
     from tiny_models import VOCAB, tiny_llama
 
     base = tiny_llama()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtpeft.assets import bigbench_tarball
+from mtpeft.app.assets import bigbench_tarball
 
 BACKEND = '''
 import os

@@ -20,7 +20,7 @@ def help_of(*argv: str) -> tuple[str, list[str]]:
     """The help text of `mtpeft ARGV --help`, and the heavy packages that printing it imported."""
     code = (
         "import io, json, sys, contextlib\n"
-        "from mtpeft.cli import main\n"
+        "from mtpeft.app.cli import main\n"
         "buf = io.StringIO()\n"
         "with contextlib.redirect_stdout(buf):\n"
         "    try:\n"

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dist_worker import make_fixture, tiny_run_dict
-from mtpeft.trainer import complete_checkpoints
+from mtpeft.app.trainer import complete_checkpoints
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 STEPS, SAVE_EVERY = 12, 4
@@ -128,11 +128,11 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(setup, reference):
 
 def _load_in_process(setup, checkpoint: Path):
     """Load a checkpoint both ways (into a wrapped model, and from_pretrained on a fresh base)."""
-    from mtpeft.base_models import build_base
-    from mtpeft.io import load_adapter_weights
-    from mtpeft.model import MultiTaskModel
-    from mtpeft.pipeline import build_model, load_run_tasks
-    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.app.base_models import build_base
+    from mtpeft.lib.io import load_adapter_weights
+    from mtpeft.lib.model import MultiTaskModel
+    from mtpeft.app.pipeline import build_model, load_run_tasks
+    from mtpeft.app.run_config import run_config_from_dict
 
     _, folder, tasks = setup
     run = run_config_from_dict(tiny_run_dict(folder, tasks, checkpoint.parent, method="teamlora", lora_dropout=0.1))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import method_cases
 import mtpeft
-from mtpeft.distill import LayerStatistics, data_norm_truncate, output_error, ridge_value
+from mtpeft.lib.distill import LayerStatistics, data_norm_truncate, output_error, ridge_value
 from tiny_models import VOCAB, tiny_llama
 
 
@@ -273,8 +273,8 @@ def test_a_non_empty_folder_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def teamlora_run(tmp_path_factory):
     """A TeamLoRA run on MiniLM, a few steps (the real model and tasks, as `mtpeft train` writes it)."""
-    from mtpeft.pipeline import train_run
-    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.app.pipeline import train_run
+    from mtpeft.app.run_config import run_config_from_dict
 
     out = tmp_path_factory.mktemp("runs") / "teamlora"
     run = run_config_from_dict({
@@ -288,7 +288,7 @@ def teamlora_run(tmp_path_factory):
 
 
 def test_distill_run_writes_a_folder_with_fidelity_and_test_scores(teamlora_run, tmp_path):
-    from mtpeft.distill_run import distill_run
+    from mtpeft.app.distill_run import distill_run
 
     lines = []
     out = distill_run(teamlora_run, tmp_path / "lora", task="intent_recognition", calibration=24, log=lines.append)
@@ -300,7 +300,7 @@ def test_distill_run_writes_a_folder_with_fidelity_and_test_scores(teamlora_run,
         scored = report["test"][side]["intent_recognition"]
         assert scored["n"] == 12 and 0 <= scored["score"] <= 1
     assert len(lines) == 1 and "distilled teamlora" in lines[0] and "mixture intent_recognition" in lines[0]
-    from mtpeft.pipeline import eval_run  # the mixture's score is the run's own evaluation
+    from mtpeft.app.pipeline import eval_run  # the mixture's score is the run's own evaluation
     own = eval_run(teamlora_run, log=lambda *a: None)["tasks"]["intent_recognition"]
     assert report["test"]["mixture"]["intent_recognition"] == own
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)
@@ -322,7 +322,7 @@ def test_distill_run_writes_a_folder_with_fidelity_and_test_scores(teamlora_run,
     (dict(), ValueError, "name the task"),
 ])
 def test_distill_run_bad_input_writes_nothing(teamlora_run, tmp_path, kwargs, error, message):
-    from mtpeft.distill_run import distill_run
+    from mtpeft.app.distill_run import distill_run
 
     with pytest.raises(error, match=message):
         distill_run(teamlora_run, tmp_path / "lora", **kwargs)
@@ -332,7 +332,7 @@ def test_distill_run_bad_input_writes_nothing(teamlora_run, tmp_path, kwargs, er
 def test_distill_run_refuses_a_run_without_an_adapter(teamlora_run, tmp_path):
     import shutil
 
-    from mtpeft.distill_run import distill_run
+    from mtpeft.app.distill_run import distill_run
 
     bare = tmp_path / "run"
     bare.mkdir()
@@ -351,11 +351,11 @@ def test_the_printed_export_command_distils_a_token_routed_run(teamlora_run, cap
 
     from test_export_stock import guide_snippet
 
-    from mtpeft.cli import main as cli_main
-    from mtpeft.distill_run import stock_peft_model
-    from mtpeft.export import export_command
-    from mtpeft.pipeline import load_run
-    from mtpeft.run_config import load_run_config
+    from mtpeft.app.cli import main as cli_main
+    from mtpeft.app.distill_run import stock_peft_model
+    from mtpeft.app.export_run import export_command
+    from mtpeft.app.pipeline import load_run
+    from mtpeft.app.run_config import load_run_config
 
     argv = shlex.split(export_command(teamlora_run, load_run_config(teamlora_run / "config.yaml")))[1:]
     out = Path(argv[argv.index("--out") + 1])
@@ -384,7 +384,7 @@ def test_the_printed_export_command_distils_a_token_routed_run(teamlora_run, cap
 def test_all_tasks_on_an_encoder_run_is_refused_in_one_line(teamlora_run, tmp_path, capsys):
     """An encoder run has one head per task, so a task-free mixture LoRA cannot be served: refused
     before anything is written."""
-    from mtpeft.cli import main as cli_main
+    from mtpeft.app.cli import main as cli_main
 
     assert cli_main(["export", str(teamlora_run), "--all-tasks", "--out", str(tmp_path / "lora")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the load bars
@@ -408,7 +408,7 @@ def test_factors_are_balanced_whatever_the_calibration_size(tmp_path):
 def test_a_rank_per_layer_fits_each_layer_at_its_own_rank(tmp_path):
     """fit_factors(rank={layer: R}) (how the fidelity study scales each MoSLD layer's own total rank): each
     layer gets its R, and a layer asked for its default rank gets the same factors as rank=None."""
-    from mtpeft.distill import collect_statistics, default_rank, fit_factors
+    from mtpeft.lib.distill import collect_statistics, default_rank, fit_factors
 
     model = wrap(TOKEN_ROUTED["mosld"]())
     stats = collect_statistics(model, batches(4, seed=0), task=0)

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from dist_worker import METHOD_CONFIGS, make_fixture, tiny_run_dict
 from mtpeft import distributed as D
-from mtpeft.data import MultiTaskSampler
-from mtpeft.pipeline import train_run
-from mtpeft.run_config import run_config_from_dict
+from mtpeft.app.data import MultiTaskSampler
+from mtpeft.app.pipeline import train_run
+from mtpeft.app.run_config import run_config_from_dict
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 BIN = Path(sys.executable).parent

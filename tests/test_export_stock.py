@@ -17,8 +17,8 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
                           LlamaConfig, LlamaForCausalLM)
 
 import mtpeft
-from mtpeft.cli import main as cli_main
-from mtpeft.export import ExportError, write_peft_lora
+from mtpeft.app.cli import main as cli_main
+from mtpeft.lib.export import ExportError, write_peft_lora
 
 GUIDE = Path(__file__).parent.parent / "docs" / "guide.md"
 VOCAB = 96
@@ -222,7 +222,7 @@ def test_cli_export_of_every_exact_method_runs_the_guides_encoder_snippet(
         encoder_fixture, method, adapter, tmp_path, capsys):
     """mtpeft train prints the export command; running it writes the LoRA + head; the guide's snippet
     (stock transformers + peft + safetensors) gives the mtpeft model's logits for that task."""
-    from mtpeft.pipeline import load_run
+    from mtpeft.app.pipeline import load_run
 
     folder, tasks = encoder_fixture
     run = tmp_path / "run"
@@ -286,7 +286,7 @@ def test_cli_causal_run_exports_for_auto_peft(tmp_path, capsys, smollm2_tokenize
     AutoPeftModelForCausalLM on the folder alone gives the run's logits for that task."""
     from dist_worker import tiny_run_dict
 
-    from mtpeft.pipeline import load_run
+    from mtpeft.app.pipeline import load_run
 
     folder = tmp_path / "tiny_llama"
     torch.manual_seed(0)
@@ -314,8 +314,8 @@ def test_cli_causal_run_exports_for_auto_peft(tmp_path, capsys, smollm2_tokenize
 
 
 def test_printed_export_folder_stays_inside_the_run(tmp_path):
-    from mtpeft.export import export_command
-    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.app.export_run import export_command
+    from mtpeft.app.run_config import run_config_from_dict
 
     run = run_config_from_dict({"data": {"tasks": [{"name": "../../evil", "source": "json:x.json"}]}})
     argv = shlex.split(export_command(tmp_path / "run", run))
@@ -329,8 +329,8 @@ def test_smollm2_export_names_the_cached_hf_folder_and_loads_with_auto_peft(tmp_
     """SmolLM2 ships as GGUF; build_base loads the converted HF folder in mtpeft's cache, and that folder is
     the export's base. Logits agree to fp32 rounding at SmolLM2's size (|logits| ~ 30, 30 layers): the
     tolerance is the mtpeft model's own merged-vs-unmerged difference (measured ~3e-5), not a guess."""
-    from mtpeft.assets import smollm2_path
-    from mtpeft.base_models import build_base
+    from mtpeft.app.assets import smollm2_path
+    from mtpeft.app.base_models import build_base
 
     base, tokenizer = build_base("smollm2", "causal", [])
     model = mtpeft.get_model(base, mtpeft.PolyConfig(r=4, n_skills=2, n_tasks=2, target_modules=["q_proj", "v_proj"]))
@@ -353,7 +353,7 @@ def test_smollm2_export_names_the_cached_hf_folder_and_loads_with_auto_peft(tmp_
 def test_a_failure_mid_export_leaves_no_folder(saved, tmp_path, monkeypatch):
     """The folder is written beside its place and renamed in: an error while writing its second file
     (a full disk, say) leaves neither the export folder nor the temporary one."""
-    import mtpeft.export as export
+    import mtpeft.lib.export as export
 
     model = mtpeft.get_model(AutoModelForCausalLM.from_pretrained(saved / "llama"), METHODS["lora"](["q_proj"]))
     written = []

@@ -1,4 +1,4 @@
-"""Logits only at the labelled positions (mtpeft.label_logits): the loss, its gradients and the choice
+"""Logits only at the labelled positions (mtpeft.app.label_logits): the loss, its gradients and the choice
 scores equal the full-logits computation, while the vocabulary projection sees only those positions."""
 
 import dataclasses
@@ -9,11 +9,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import method_cases
 import mtpeft
-from mtpeft.data import IGNORE_INDEX, CausalLMCollator
-from mtpeft.evaluate import choice_log_likelihoods, shared_prompt_length
-from mtpeft.routing_report import RoutingAccumulator
-from mtpeft.label_logits import accepts_logits_to_keep, keep_label_logits, label_positions
-from mtpeft.trainer import MultiTaskTrainer
+from mtpeft.app.data import IGNORE_INDEX, CausalLMCollator
+from mtpeft.app.evaluate import choice_log_likelihoods, shared_prompt_length
+from mtpeft.app.routing_report import RoutingAccumulator
+from mtpeft.app.label_logits import accepts_logits_to_keep, keep_label_logits, label_positions
+from mtpeft.app.trainer import MultiTaskTrainer
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -164,8 +164,8 @@ def test_options_with_different_prompts_are_scored_whole(smollm2_tokenizer):
 
 def test_evaluate_causal_reports_the_sum_and_the_per_character_accuracy(smollm2_tokenizer, one_thread):
     """Real BIG-bench examples (social_iqa: options of different lengths) scored by a small random Llama."""
-    from mtpeft.data import load_task
-    from mtpeft.evaluate import evaluate_causal
+    from mtpeft.app.data import load_task
+    from mtpeft.app.evaluate import evaluate_causal
 
     tok = smollm2_tokenizer
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from test_reliability import randomise, refused
 from tiny_models import BUILDERS, batch_for
 
 import mtpeft
-from mtpeft.io import load_adapter_weights
+from mtpeft.lib.io import load_adapter_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

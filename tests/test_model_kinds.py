@@ -12,11 +12,11 @@ import yaml
 from transformers import (BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, T5Config,
                           T5ForConditionalGeneration)
 
-from mtpeft.base_models import build_base, kind_from_config, model_kind
-from mtpeft.cli import main
-from mtpeft.heads import MultiTaskEncoderClassifier
-from mtpeft.pipeline import load_run
-from mtpeft.run_config import run_config_from_dict
+from mtpeft.app.base_models import build_base, kind_from_config, model_kind
+from mtpeft.app.cli import main
+from mtpeft.lib.heads import MultiTaskEncoderClassifier
+from mtpeft.app.pipeline import load_run
+from mtpeft.app.run_config import run_config_from_dict
 from tiny_lm_folders import save_tiny_gpt2, save_tiny_t5, write_tasks
 
 
@@ -75,7 +75,7 @@ def test_model_kind_overrides_and_mismatches_are_refused_before_loading(tmp_path
 
 
 def test_causal_model_without_chat_template_is_refused_before_the_run_folder(tmp_path):
-    from mtpeft.pipeline import train_run
+    from mtpeft.app.pipeline import train_run
 
     folder = save_tiny_gpt2(tmp_path / "gpt2")
     (folder / "chat_template.jinja").unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from tiny_models import BUILDERS, batch_for, tiny_gpt2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mtpeft
-from mtpeft.io import AdapterFileError, WEIGHTS_NAME, CONFIG_NAME, load_adapter_weights
+from mtpeft.lib.io import AdapterFileError, WEIGHTS_NAME, CONFIG_NAME, load_adapter_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def test_loading_adapter_weights_into_a_merged_model_is_refused(tmp_path):
 
 
 def test_copying_tensors_into_a_merged_model_is_refused():
-    from mtpeft.io import copy_tensors_into
+    from mtpeft.lib.io import copy_tensors_into
 
     model = wrapped()
     model.merge(task=0)
@@ -230,7 +230,7 @@ def test_loading_saved_weights_initialises_meta_materialised_adapters(tmp_path):
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_saved_files_follow_the_umask(tmp_path, umask, mode):
     """save_pretrained and atomic_write_bytes (config.yaml, metrics.json) give new files 0o666 & ~umask."""
-    from mtpeft.io import atomic_write_bytes
+    from mtpeft.lib.io import atomic_write_bytes
 
     model = wrapped()
     previous = os.umask(umask)
@@ -244,7 +244,7 @@ def test_saved_files_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_overwriting_a_file_keeps_its_mode(tmp_path):
-    from mtpeft.io import atomic_write_bytes
+    from mtpeft.lib.io import atomic_write_bytes
 
     path = tmp_path / "f.json"
     path.write_bytes(b"old")

@@ -10,8 +10,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from mtpeft.pipeline import train_run
-from mtpeft.run_config import load_run_config, run_config_from_dict
+from mtpeft.app.pipeline import train_run
+from mtpeft.app.run_config import load_run_config, run_config_from_dict
 
 
 def tiny_run(out, method="lora", steps=20, **adapter):
@@ -82,7 +82,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     cfg.write_text("method: lora\ntrain: {lr: 1e-4, steps: 5}\nadapter: {lora_dropout: 5e-2}\n")
     run = load_run_config(cfg, ["train.weight_decay=1e-2"])
     assert run.train.lr == 1e-4 and run.train.weight_decay == 1e-2 and isinstance(run.train.lr, float)
-    from mtpeft.config import AdapterConfig
+    from mtpeft.lib.config import AdapterConfig
     assert AdapterConfig.from_dict({"method": "lora", **run.adapter}).lora_dropout == 0.05
 
 
@@ -123,8 +123,8 @@ def test_cli_end_to_end(tmp_path):
 def test_every_shipped_config_parses_and_builds_its_adapter_config():
     from pathlib import Path
 
-    from mtpeft.config import package_methods
-    from mtpeft.run_config import adapter_config
+    from mtpeft.lib.config import package_methods
+    from mtpeft.app.run_config import adapter_config
 
     configs = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")
                      if not p.name.startswith("study-"))  # study configs are checked in test_study

@@ -53,8 +53,8 @@ from torch import nn
 
 import method_cases
 import mtpeft
-from mtpeft.config import get_config_class, get_layer_class
-from mtpeft.core.context import RoutingState
+from mtpeft.lib.config import get_config_class, get_layer_class
+from mtpeft.lib.core.context import RoutingState
 
 U_BF16 = 2.0 ** -8
 BF16_FACTOR = 8

@@ -23,12 +23,12 @@ from tiny_models import BUILDERS, batch_for
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 import mtpeft
-from mtpeft.data import TaskDataError, TaskSpecError, UnknownTaskError
-from mtpeft.heads import MultiTaskEncoderClassifier
-from mtpeft.io import AdapterFileError, load_adapter_weights
-from mtpeft.pipeline import train_run
-from mtpeft.run_config import run_config_from_dict
-from mtpeft.trainer import MultiTaskTrainer, NonFiniteLossError, complete_checkpoints
+from mtpeft.app.data import TaskDataError, TaskSpecError, UnknownTaskError
+from mtpeft.lib.heads import MultiTaskEncoderClassifier
+from mtpeft.lib.io import AdapterFileError, load_adapter_weights
+from mtpeft.app.pipeline import train_run
+from mtpeft.app.run_config import run_config_from_dict
+from mtpeft.app.trainer import MultiTaskTrainer, NonFiniteLossError, complete_checkpoints
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -556,8 +556,8 @@ class Poison(TrainerCallback):
 
 def _assert_good_checkpoint(tiny, checkpoint: Path):
     """COMPLETE, loadable both ways, and finite."""
-    from mtpeft.base_models import build_base
-    from mtpeft.pipeline import build_model, load_run_tasks
+    from mtpeft.app.base_models import build_base
+    from mtpeft.app.pipeline import build_model, load_run_tasks
 
     assert (checkpoint / "COMPLETE").exists()
     tensors = load_file(str(checkpoint / "adapter_model.safetensors"))
@@ -616,7 +616,7 @@ def test_cli_reports_a_diverged_run_in_one_line(tiny, tmp_path, capsys):
     message, not a traceback; the checkpoint before the divergence stays."""
     import yaml
 
-    from mtpeft.cli import main
+    from mtpeft.app.cli import main
 
     out = tmp_path / "run"
     config = tmp_path / "diverge.yaml"

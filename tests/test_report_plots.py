@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from mtpeft.report import bar_groups_figure, plot_bar_groups, routing_figure
+from mtpeft.app.report import bar_groups_figure, plot_bar_groups, routing_figure
 
 TASKS = ["bbc_news", "multiemo", "intent_recognition", "average"]
 

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtpeft
-from mtpeft.config import get_config_class, known_methods
-from mtpeft.core.context import RoutingState
-from mtpeft.core.plan import CallDims, RoutingPlan, call_dims, group_tasks
+from mtpeft.lib.config import get_config_class, known_methods
+from mtpeft.lib.core.context import RoutingState
+from mtpeft.lib.core.plan import CallDims, RoutingPlan, call_dims, group_tasks
 from tiny_models import batch_for, tiny_llama
 
 N_TASKS = 3

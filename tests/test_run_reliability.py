@@ -23,13 +23,13 @@ import yaml
 from safetensors.torch import load_file
 from test_reliability import Unchanged, refused
 
-from mtpeft.cli import main
-from mtpeft.data import TaskDataError, TaskSpecError
-from mtpeft.io import AdapterFileError
-from mtpeft.pipeline import eval_run, train_run
-from mtpeft.run_config import RunConfigError, load_run_config, run_config_from_dict
-from mtpeft.run_folder import HONOURED_ON_RESUME, RunFolderError
-from mtpeft.trainer import complete_checkpoints
+from mtpeft.app.cli import main
+from mtpeft.app.data import TaskDataError, TaskSpecError
+from mtpeft.lib.io import AdapterFileError
+from mtpeft.app.pipeline import eval_run, train_run
+from mtpeft.app.run_config import RunConfigError, load_run_config, run_config_from_dict
+from mtpeft.app.run_folder import HONOURED_ON_RESUME, RunFolderError
+from mtpeft.app.trainer import complete_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 quiet = lambda *a, **k: None  # noqa: E731

@@ -10,7 +10,7 @@ from tiny_models import BUILDERS, batch_for, main_output
 from test_peft_parity import randomise_adapters
 
 import mtpeft
-from mtpeft.io import AdapterFileError, load_adapter_weights
+from mtpeft.lib.io import AdapterFileError, load_adapter_weights
 
 
 def saved(tmp_path, arch="llama", cfg=None):

@@ -22,7 +22,7 @@ import yaml
 from tiny_models import BUILDERS
 
 import mtpeft
-from mtpeft.io import AdapterFileError, load_adapter_weights
+from mtpeft.lib.io import AdapterFileError, load_adapter_weights
 
 SRC = Path(mtpeft.__file__).parent
 
@@ -154,7 +154,7 @@ def test_adapter_config_json_is_data_only(tmp_path, monkeypatch, config):
 
 # ----------------------------------------------------------------------------------- run configs, models, data
 def test_run_config_yaml_cannot_build_python_objects(tmp_path, monkeypatch):
-    from mtpeft.run_config import load_run_config
+    from mtpeft.app.run_config import load_run_config
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "evil.yaml"
@@ -176,8 +176,8 @@ def tiny(tmp_path_factory):
 def test_a_model_folder_with_its_own_code_is_refused_not_run(tiny, tmp_path, monkeypatch):
     """A base-model folder whose config points at Python code in the folder (``auto_map``): refused
     without asking; transformers' default asks on stdin, and a piped "y" used to run the code."""
-    from mtpeft.base_models import build_base, model_kind
-    from mtpeft.data import load_tasks, task_from_dict
+    from mtpeft.app.base_models import build_base, model_kind
+    from mtpeft.app.data import load_tasks, task_from_dict
 
     _, folder, tasks = tiny
     evil = tmp_path / "model"
@@ -199,7 +199,7 @@ def test_a_model_folder_with_its_own_code_is_refused_not_run(tiny, tmp_path, mon
 
 
 def test_a_dataset_folder_with_a_loading_script_is_refused_not_run(tmp_path):
-    from mtpeft.data import TaskDataError, TaskSpec, load_task
+    from mtpeft.app.data import TaskDataError, TaskSpec, load_task
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "evil_data"
@@ -216,8 +216,8 @@ def checkpointed_run(tiny, tmp_path_factory):
     """A tiny training with one complete checkpoint (checkpoint-2), to resume from."""
     from dist_worker import tiny_run_dict
 
-    from mtpeft.pipeline import train_run
-    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.app.pipeline import train_run
+    from mtpeft.app.run_config import run_config_from_dict
 
     _, folder, tasks = tiny
     out = tmp_path_factory.mktemp("ckpt") / "run"
@@ -231,8 +231,8 @@ def checkpointed_run(tiny, tmp_path_factory):
 def _resume(tiny, run_dir: Path, steps: int = 4):
     from dist_worker import tiny_run_dict
 
-    from mtpeft.pipeline import train_run
-    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.app.pipeline import train_run
+    from mtpeft.app.run_config import run_config_from_dict
 
     _, folder, tasks = tiny
     return train_run(run_config_from_dict(tiny_run_dict(folder, tasks, run_dir, steps=steps)), evaluate=False,
@@ -280,10 +280,10 @@ def test_task_names_cannot_write_outside_the_run_folder(tiny, tmp_path, monkeypa
     routing), report, eval and export: every new file is inside the run folder (or the data cache)."""
     from dist_worker import tiny_run_dict
 
-    from mtpeft.cli import main as cli_main
-    from mtpeft.pipeline import eval_run, train_run
-    from mtpeft.report import write_report
-    from mtpeft.run_config import run_config_from_dict
+    from mtpeft.app.cli import main as cli_main
+    from mtpeft.app.pipeline import eval_run, train_run
+    from mtpeft.app.report import write_report
+    from mtpeft.app.run_config import run_config_from_dict
 
     _, folder, tasks = tiny
     work = tmp_path / "a" / "b" / "work"
@@ -319,7 +319,7 @@ def test_task_names_cannot_write_outside_the_run_folder(tiny, tmp_path, monkeypa
 def test_checkpoint_clean_up_never_deletes_outside_the_run_folder(checkpointed_run, tmp_path):
     """Checkpoint folders are named checkpoint-<step>; a 'checkpoint-*' symlink to a folder elsewhere
     (complete or not) is never followed by rotation or by the clean-up of incomplete checkpoints."""
-    from mtpeft.trainer import complete_checkpoints, remove_incomplete_checkpoints, rotate_checkpoints
+    from mtpeft.app.trainer import complete_checkpoints, remove_incomplete_checkpoints, rotate_checkpoints
 
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run, run)
@@ -341,7 +341,7 @@ def test_checkpoint_clean_up_never_deletes_outside_the_run_folder(checkpointed_r
 
 def test_bigbench_tarball_members_cannot_extract_outside_the_cache(tmp_path):
     """A crafted BIG-bench tarball whose member names climb out of the task folder is not extracted."""
-    from mtpeft.data.bigbench import MEMBER_PREFIX, _Tarball
+    from mtpeft.app.data.bigbench import MEMBER_PREFIX, _Tarball
 
     tarball = tmp_path / "cache" / "bigbench" / "bigbench-1.0.0.tar.gz"
     tarball.parent.mkdir(parents=True)

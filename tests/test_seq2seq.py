@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
 import mtpeft
-from mtpeft.core.context import RoutingState
-from mtpeft.data import IGNORE_INDEX, Seq2SeqCollator, load_tasks, task_from_dict
-from mtpeft.evaluate import evaluate_seq2seq, exact_match, seq2seq_choice_log_likelihoods
-from mtpeft.routing_report import RoutingAccumulator
+from mtpeft.lib.core.context import RoutingState
+from mtpeft.app.data import IGNORE_INDEX, Seq2SeqCollator, load_tasks, task_from_dict
+from mtpeft.app.evaluate import evaluate_seq2seq, exact_match, seq2seq_choice_log_likelihoods
+from mtpeft.app.routing_report import RoutingAccumulator
 from tiny_lm_folders import EOS, t5_config, word_tokenizer, write_tasks
 
 N_TASKS = 3
@@ -271,7 +271,7 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_examples(tmp_path):
     the accumulation steps itself (it did not: two accumulated batches gave twice the gradient)."""
     from transformers import TrainingArguments
 
-    from mtpeft.trainer import MultiTaskTrainer
+    from mtpeft.app.trainer import MultiTaskTrainer
 
     tok = word_tokenizer(eos_after_text=True)
     examples = [{"text": f"what is {a} plus {b} ?", "target": c, "task_id": t}  # all rows the same length

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from mtpeft.study import load_study, run_study
+from mtpeft.app.study import load_study, run_study
 
 
 def test_study_runs_summarises_and_resumes(tmp_path):
@@ -28,7 +28,7 @@ def test_study_runs_summarises_and_resumes(tmp_path):
     run_config = yaml.safe_load((root / "mhr-seed0" / "config.yaml").read_text())
     assert run_config["adapter"]["n_splits"] == 2
     # --summary-only: the table of what is finished, nothing trained (a second seed is planned, not run)
-    from mtpeft.study import main as study_main
+    from mtpeft.app.study import main as study_main
 
     assert study_main([str(config), "seeds=[0,1]", "--summary-only"]) == 0
     assert not (root / "mhr-seed1").exists()
@@ -41,9 +41,9 @@ def test_study_runs_summarises_and_resumes(tmp_path):
 def test_shipped_study_configs_plan_every_method():
     from pathlib import Path
 
-    from mtpeft.config import package_methods
-    from mtpeft.run_config import run_config_from_dict
-    from mtpeft.study import planned_runs
+    from mtpeft.lib.config import package_methods
+    from mtpeft.app.run_config import run_config_from_dict
+    from mtpeft.app.study import planned_runs
 
     root = Path(__file__).parent.parent / "configs"
     encoder = planned_runs(load_study(root / "study-encoder.yaml"))
@@ -59,7 +59,7 @@ def test_cli_hands_study_and_bench_their_own_options(capsys):
     sub-command's parser (argparse.REMAINDER alone refuses it)."""
     import pytest
 
-    from mtpeft.cli import main
+    from mtpeft.app.cli import main
 
     for command in ("study", "bench"):
         with pytest.raises(SystemExit) as exit_info:
@@ -75,7 +75,7 @@ def test_cli_hands_study_and_bench_their_own_options(capsys):
 def test_summary_mean_std_over_seeds_and_median_time_per_step(tmp_path):
     """Scores: mean and sample std over seeds, per task and on the per-seed average; time per step: the
     median over runs, so one run slowed by another job on the machine does not move it."""
-    from mtpeft.study import summarise
+    from mtpeft.app.study import summarise
 
     runs = []
     for seed, (a, b, sps) in enumerate([(0.5, 0.7, 1.0), (0.6, 0.9, 1.1), (0.7, 0.8, 3.9)]):
@@ -103,7 +103,7 @@ def test_summary_mean_std_over_seeds_and_median_time_per_step(tmp_path):
 
 
 def test_summary_reports_acc_norm_of_scored_options_in_a_second_table(tmp_path):
-    from mtpeft.study import results_markdown, summarise
+    from mtpeft.app.study import results_markdown, summarise
 
     runs = []
     for label, norm in (("a", 0.25), ("b", None)):

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "AdapterConfig": "config", "known_methods": "config", "register_method": "config",
-    "AdapterFileError": "io",
-    "MultiTaskModel": "model", "get_model": "model",
-    "parameter_groups": "optim",
-    "task_expert_load": "core.routing",
-    **{name: "methods" for name in (
+    "AdapterConfig": "lib.config", "register_method": "lib.config", "known_methods": "lib.config",
+    "AdapterFileError": "lib.io",
+    "MultiTaskModel": "lib.model", "get_model": "lib.model",
+    "parameter_groups": "lib.optim",
+    "task_expert_load": "lib.core.routing",
+    **{name: "lib.methods" for name in (
         "LoraConfig", "TaskLoraConfig",  # baselines
         "CPolyConfig", "MTLLoraConfig", "PolyConfig",  # task-routed methods
         "HydraLoraConfig", "MoELoraConfig", "MoSLDConfig", "TeamLoraConfig",  # token-routed methods
@@ -37,7 +37,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value  # later look-ups skip __getattr__
         return value
-    # `import mtpeft; mtpeft.data.X` worked when the package imported everything: keep it working.
+    # `import mtpeft; mtpeft.lib` (or `.app`) works without importing the subpackage first
     try:
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as err:

@@ -9,8 +9,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-import mtpeft.assets as assets  # noqa: E402
-from mtpeft.assets import AssetMissingError  # noqa: E402
+import mtpeft.app.assets as assets  # noqa: E402
+from mtpeft.app.assets import AssetMissingError  # noqa: E402
 
 
 def _hide_package(monkeypatch, name):

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mtpeft.assets import minilm_path  # noqa: E402
-from mtpeft.data import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator, TaskSpec  # noqa: E402
+from mtpeft.app.assets import minilm_path  # noqa: E402
+from mtpeft.app.data import IGNORE_INDEX, CausalLMCollator, EncoderClassificationCollator, TaskSpec  # noqa: E402
 
 WORDS = ["<unk>", "<pad>", "</s>", "<|user|>", "<|assistant|>", "<|end|>", "user", "assistant", ":", "what", "is",
          "2", "plus", "3", "5", "?", "add", "Options", "A", "B", "C", ".", "red", "blue", "green", "colour", "sky"]
@@ -148,7 +148,7 @@ def test_smollm2_scores_and_answers_through_the_collator():
     its generation prompt makes the model say it, and the training loss is CE on the answer tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mtpeft.assets import smollm2_path
+    from mtpeft.app.assets import smollm2_path
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mtpeft.data import MultiTaskDataset, MultiTaskSampler, mixing_weights
+from mtpeft.app.data import MultiTaskDataset, MultiTaskSampler, mixing_weights
 
 
 def test_weights_follow_temperature():

@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from mtpeft.data import (  # noqa: E402
+from mtpeft.app.data import (  # noqa: E402
     TaskDataError,
     TaskSpec,
     TaskSpecError,
@@ -28,7 +28,7 @@ from mtpeft.data import (  # noqa: E402
     register_task,
     task_from_dict,
 )
-from mtpeft.data.bigbench import bigbench_task_names  # noqa: E402
+from mtpeft.app.data.bigbench import bigbench_task_names  # noqa: E402
 
 BUILTINS = {"bbc_news", "multiemo", "intent_recognition", "vitaminc_fact_verification", "social_iqa",
             "elementary_math_qa", "sports_understanding", "arithmetic"}
@@ -159,7 +159,7 @@ def test_bigbench_unknown_and_parent_tasks_are_explained():
 
 def test_bigbench_fresh_cache_scan_then_offsets(tmp_path):
     """A fresh cache: the first read builds the index in the same pass; the next reads use offsets."""
-    from mtpeft.assets import bigbench_tarball
+    from mtpeft.app.assets import bigbench_tarball
 
     link = tmp_path / "bigbench-1.0.0.tar.gz"
     link.symlink_to(bigbench_tarball())

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mtpeft  # noqa: E402
-from mtpeft.core.context import Route, RoutingState  # noqa: E402
+from mtpeft.lib.core.context import Route, RoutingState  # noqa: E402
 from _tiny import N_TASKS, VOCAB, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402  (the same tiny models)
 import method_cases  # noqa: E402
 
@@ -79,7 +79,7 @@ def standalone_layer(method: str, d_in: int = 12, d_out: int = 10, *, layer_inde
     """One adapted nn.Linear outside any model, with random (non-zero) B."""
     torch.manual_seed(seed)
     cfg = make_config(method, **overrides)
-    layer_cls = mtpeft.config.get_layer_class(method)
+    layer_cls = mtpeft.lib.config.get_layer_class(method)
     layer = layer_cls(nn.Linear(d_in, d_out), cfg, module_name="probe", routing=RoutingState(),
                       layer_index=layer_index, n_layers=n_layers)
     if randomise_b:

@@ -12,7 +12,7 @@ from _tiny import BUILDERS, N_TASKS, VARIANTS, batch, out, randomise  # noqa: E4
 from _tiny import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import mtpeft  # noqa: E402
-from mtpeft.core.context import Route  # noqa: E402
+from mtpeft.lib.core.context import Route  # noqa: E402
 
 GROWABLE = {**{k: VARIANTS[k] for k in ("mtl_lora", "mtl_lora_diag", "poly", "mhr", "cpoly", "cpoly_e2")},
             "task_lora": lambda **kw: mtpeft.TaskLoraConfig(**{"r": 4, "n_tasks": N_TASKS, **kw})}

@@ -13,7 +13,7 @@ from _tiny import BUILDERS, batch, grads, out, randomise  # noqa: E402
 from _tiny import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import mtpeft  # noqa: E402
-from mtpeft.core.context import Route  # noqa: E402
+from mtpeft.lib.core.context import Route  # noqa: E402
 
 
 @pytest.mark.parametrize("n_splits", [1, 2])

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import method_cases
 import mtpeft
-from mtpeft.core.context import Route, RoutingState
-from mtpeft.core.layer import AdaptedLayer
+from mtpeft.lib.core.context import Route, RoutingState
+from mtpeft.lib.core.layer import AdaptedLayer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,7 +43,7 @@ def make_layer(method: str, tr, **overrides):
         return tr.standalone_layer(method, d_in=12, d_out=10, **overrides)
     torch.manual_seed(0)
     cfg = mtpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["probe"], **overrides)
-    layer = mtpeft.config.get_layer_class("lora")(torch.nn.Linear(12, 10), cfg, module_name="probe",
+    layer = mtpeft.lib.config.get_layer_class("lora")(torch.nn.Linear(12, 10), cfg, module_name="probe",
                                                   routing=RoutingState())
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.5)

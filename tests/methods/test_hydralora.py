@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mtpeft
-from mtpeft.methods.hydralora import HydraLoraConfig
+from mtpeft.lib.methods.hydralora import HydraLoraConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

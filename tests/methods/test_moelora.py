@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import mtpeft
-from mtpeft.core.routing import switch_balance_loss, top_k_gates
-from mtpeft.methods.moelora import MoELoraConfig, expert_contrastive_loss, sample_pairs
+from mtpeft.lib.core.routing import switch_balance_loss, top_k_gates
+from mtpeft.lib.methods.moelora import MoELoraConfig, expert_contrastive_loss, sample_pairs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -146,7 +146,7 @@ def test_contrastive_loss_reaches_experts_not_router_and_ignores_padding(tr):
 
 
 def test_routed_pairs_only_sample_top_k_experts(tr, monkeypatch):
-    import mtpeft.methods.moelora as mod
+    import mtpeft.lib.methods.moelora as mod
 
     seen = {}
     original = mod.sample_pairs
@@ -202,7 +202,7 @@ def test_one_expert_top_one_equals_lora_on_bert(tr):
 def test_masked_logsumexp_of_products_equals_autograd_logsumexp(ok_share):
     """The hand-written forward and backward equal autograd's logsumexp over the masked (M, M) logits,
     and pass torch's gradcheck in fp64; rows without any candidate (ok_share = 0) pass no gradient."""
-    from mtpeft.methods.moelora import masked_logsumexp_of_products
+    from mtpeft.lib.methods.moelora import masked_logsumexp_of_products
 
     g = torch.Generator().manual_seed(3)
     m, k, scale = 37, 6, 10.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mtpeft
-from mtpeft.methods.mosld import MoSLDConfig
+from mtpeft.lib.methods.mosld import MoSLDConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

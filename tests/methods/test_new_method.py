@@ -12,9 +12,9 @@ import pytest
 
 import method_cases
 import mtpeft
-from mtpeft.cli import main as cli_main
-from mtpeft.config import MethodSpec, get_method_spec, package_methods, register_method
-from mtpeft.methods.lora import LoraConfig, LoraLayer
+from mtpeft.app.cli import main as cli_main
+from mtpeft.lib.config import MethodSpec, get_method_spec, package_methods, register_method
+from mtpeft.lib.methods.lora import LoraConfig, LoraLayer
 from new_method import DenseMixConfig, DenseMixLayer
 
 
@@ -101,7 +101,7 @@ def test_routing_report_reads_the_task_table_from_the_spec(tr):
     token-routed one with no router statistics) has nothing to show."""
     import torch
 
-    from mtpeft.routing_report import routing_summary
+    from mtpeft.app.routing_report import routing_summary
 
     poly = mtpeft.get_model(tr.tiny_llama(), method_cases.config("poly", n_tasks=3))
     tr.randomise(poly)

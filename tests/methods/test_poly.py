@@ -14,7 +14,7 @@ from _tiny import BUILDERS, NoiseQueue, batch, out, randomise  # noqa: E402
 from _tiny import one_thread  # noqa: E402,F401  (autouse fixture)
 
 import mtpeft  # noqa: E402
-from mtpeft.core.context import Route  # noqa: E402
+from mtpeft.lib.core.context import Route  # noqa: E402
 
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj", "down_proj"]}
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mtpeft
-from mtpeft.core.routing import closed_form_parameter_count, masked_mean
-from mtpeft.methods.teamlora import TeamLoraConfig, interaction_weights
+from mtpeft.lib.core.routing import closed_form_parameter_count, masked_mean
+from mtpeft.lib.methods.teamlora import TeamLoraConfig, interaction_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

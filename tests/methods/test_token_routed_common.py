@@ -13,7 +13,7 @@ import torch
 
 import method_cases
 import mtpeft
-from mtpeft.core.routing import closed_form_parameter_count, task_expert_load
+from mtpeft.lib.core.routing import closed_form_parameter_count, task_expert_load
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -453,7 +453,7 @@ def test_gradient_checkpointing_same_aux_and_router_grads(method, tr):
 def test_reentrant_checkpointing_warns_that_aux_losses_lose_their_gradient(method, tr, monkeypatch):
     """Reentrant checkpointing runs the recorded forward under no_grad (a limit of that mode, not
     fixable in a layer): the values stay right, the routers get no aux gradient, and we warn."""
-    import mtpeft.core.routing as routing
+    import mtpeft.lib.core.routing as routing
 
     monkeypatch.setattr(routing, "_WARNED_NO_GRAD", False)
     overrides = tr.cases.aux_on(method)  # opt-in aux losses (HydraLoRA's balance) switched on
