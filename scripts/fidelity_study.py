@@ -69,7 +69,7 @@ def total_ranks(model) -> dict[str, int]:
     return {name: default_rank(layer, None) for name, layer in model.adapted_layers()}
 
 
-def distil_every_task(run_dir: Path, calibration: int, log, factors: tuple[float, ...] = RANK_FACTORS) -> dict:
+def distil_every_task(run_dir: Path, calibration: int, log, rank_factors: tuple[float, ...] = RANK_FACTORS) -> dict:
     from mtpeft.app.pipeline import load_run
 
     model, tokenizer, kind, tasks, run = load_run(run_dir)
@@ -83,7 +83,7 @@ def distil_every_task(run_dir: Path, calibration: int, log, factors: tuple[float
         mixture = evaluate_tasks(model, tokenizer, kind, tasks, run, [task.name])["tasks"][task.name]["score"]
         for mode in MODES:
             previous = None  # (update per layer, score) of the last rank scored in this mode
-            for factor in factors:
+            for factor in rank_factors:
                 ranks = {n: min(max(1, round(factor * r)), limits[n]) for n, r in r_total.items()}
                 started = time.perf_counter()
                 factors, details = fit_factors(model, calib, task=task_id, rank=ranks, ridge=DEFAULT_RIDGE, mode=mode)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtpeft import bench
+from mtpeft.app import bench
 from mtpeft.app.cli import main as cli_main
 
 

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dist_worker import METHOD_CONFIGS, make_fixture, tiny_run_dict
-from mtpeft import distributed as D
+from mtpeft.lib import distributed as D
 from mtpeft.app.data import MultiTaskSampler
 from mtpeft.app.pipeline import train_run
 from mtpeft.app.run_config import run_config_from_dict

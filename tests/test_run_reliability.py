@@ -552,7 +552,7 @@ def test_only_errors_that_explain_themselves_become_one_line(monkeypatch):
     read-only disk, is re-raised by main; MTPEFT_DEBUG=1 re-raises the known ones too."""
     import errno
 
-    from mtpeft import cli as cli_module
+    from mtpeft.app import cli as cli_module
 
     def failing(error):
         def run(args):
