@@ -80,7 +80,7 @@ def distil_every_task(run_dir: Path, calibration: int, log, rank_factors: tuple[
         started = time.perf_counter()
         calib, held, counts = task_statistics(model, tokenizer, kind, tasks, run, [task_id], calibration, task_id)
         stats_s = time.perf_counter() - started
-        mixture = evaluate_tasks(model, tokenizer, kind, tasks, run, [task.name])["tasks"][task.name]["score"]
+        mixture = _mixture_score(run_dir, model, tokenizer, kind, tasks, run, task.name)
         for mode in MODES:
             previous = None  # (update per layer, score) of the last rank scored in this mode
             for factor in rank_factors:
@@ -110,6 +110,15 @@ def distil_every_task(run_dir: Path, calibration: int, log, rank_factors: tuple[
                 log(f"fidelity: {run_dir.name} {task.name} {mode} R={rank:g}: mixture {mixture:.4f}, distilled "
                     f"{score:.4f}, held-out error {report['mean_error']:.3f}" + (" (same update)" if same else ""))
     return {"run": str(run_dir), "method": model.config.method, "rows": rows}
+
+
+def _mixture_score(run_dir: Path, model, tokenizer, kind, tasks, run, name: str) -> float:
+    """The run's own test score for the task (its metrics.json, written by the same evaluation on the same
+    examples right after training); evaluated again only when the run has none."""
+    metrics = json.loads((run_dir / "metrics.json").read_text()).get("tasks", {})
+    if name in metrics:
+        return metrics[name]["score"]
+    return evaluate_tasks(model, tokenizer, kind, tasks, run, [name])["tasks"][name]["score"]
 
 
 def _same_updates(a: dict, b: dict, tolerance: float = 1e-6) -> bool:
