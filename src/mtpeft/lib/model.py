@@ -302,9 +302,12 @@ class MultiTaskModel(nn.Module):
         groups = n_task_rows = None
         if ids is not None:
             unknown_task = spec_of(cfg).unknown_task(cfg)
-            routes_by_task = cfg.task_routed and not self._merged_single_task()
+            merged = self._merged_single_task()
+            routes_by_task = cfg.task_routed and not merged
+            merged_task = self.adapted_layers()[0][1].merged_task if cfg.task_routed and merged else None
             groups, n_task_rows = plan_task_ids(ids, cfg.n_tasks, check_range=unknown_task != "average",
-                                                unknown_task=unknown_task if routes_by_task else None)
+                                                unknown_task=unknown_task if routes_by_task else None,
+                                                merged_task=merged_task)
             batch = ids.shape[0] if batch is None else batch
         dims = {} if batch is None else {"dims": call_dims(args, kwargs, batch, self._is_encoder_decoder())}
         return RoutingPlan(task_ids=ids, batch=batch, input_mask=as_bool_mask(self._new_tokens_mask(kwargs)),

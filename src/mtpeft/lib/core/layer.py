@@ -176,8 +176,7 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if not self.adapters_initialised:
             self.check_initialised("running the model")
-        if self.merged:
-            self._check_merged_task()
+        if self.merged:  # (the wrapper's routing plan refused ids of another task than the merged one)
             return self.base_layer(x, *args, **kwargs)
         route = self.routing.route_for(x, self.token_stream, self.module_name)
         # An nn.Linear runs on the flattened rows, so its output is a fresh 2-D tensor rather than a
@@ -207,26 +206,6 @@ class AdaptedLayer(nn.Module):
         adapter dtype."""
         return (type(self).adapter_forward is AdaptedLayer.adapter_forward and "adapter_forward" not in self.__dict__
                 and result.dim() == 2 and result._base is None and result.dtype == self.adapter_dtype)
-
-    def _check_merged_task(self) -> None:
-        """Refuse a batch whose task ids differ from the merged task. Checked once per task-id tensor
-        (and in-place version of it), not once per call: in generate every decoding step of every
-        merged layer would otherwise pay a comparison and a host read, ~2% of a small model's step."""
-        task = self.merged_task
-        routing = self.routing
-        ids = routing.task_ids if routing.open else None  # outside a forward scope there are no ids
-        if task is None or ids is None:
-            return
-        seen = self.__dict__.get("_merged_ids_checked")
-        if seen is not None and seen[0] is ids and seen[1] == (ids._version, task):
-            return
-        if bool((ids != task).any()):
-            others = sorted(set(ids.tolist()) - {task})
-            raise ValueError(
-                f"the adapter is merged for task {task}, but the batch has task ids {others}. "
-                f"Call model.unmerge() first, or run only task {task} while merged."
-            )
-        self.__dict__["_merged_ids_checked"] = (ids, (ids._version, task))
 
     # ------------------------------------------------------------------ merge / unmerge
     def delta_weight(self, task: int | None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .task_ids import check_task_id_range, infer_batch_size
+from .task_ids import check_merged_task, check_task_id_range, infer_batch_size
 
 STREAMS = ("input", "decoder")
 
@@ -159,16 +159,20 @@ def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def plan_task_ids(task_ids: torch.Tensor, n_tasks: int | None, *, check_range: bool,
-                  unknown_task: str | None) -> tuple[TaskGroups | None, int | None]:
+                  unknown_task: str | None, merged_task: int | None = None) -> tuple[TaskGroups | None, int | None]:
     """Read validated ``task_ids`` (B,) once and return (task groups, n_task_rows).
 
     ``check_range``: refuse ids outside [0, n_tasks) (the wrapper's "error" policy). ``unknown_task``:
     build TaskGroups with that policy ("error" / "average"), or None for no groups (token-routed methods,
-    merged adapters). The wrapper calls it through :func:`run_outside_graphs`.
+    merged adapters). ``merged_task``: the task a task-routed adapter is merged for, whose ids alone the
+    batch may hold (checked on the same host read, so that merged layers read nothing). The wrapper calls
+    it through :func:`run_outside_graphs`.
     """
     values = task_ids.tolist()  # the one device-to-host read of a forward
     if check_range and n_tasks is not None:
         check_task_id_range(values, n_tasks)
+    if merged_task is not None:
+        check_merged_task(values, merged_task)
     groups = None if unknown_task is None else group_tasks(values, n_tasks, unknown_task, task_ids.device)
     n_rows = n_tasks if n_tasks is not None else (max(values) + 1 if values else 0)
     return groups, n_rows

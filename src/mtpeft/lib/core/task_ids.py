@@ -95,3 +95,13 @@ def require_task_ids(route, method: str) -> torch.Tensor:
             f"forward or generate."
         )
     return route.row_task_ids
+
+
+def check_merged_task(values: list[int], task: int) -> None:
+    """Refuse task ids (python ints, on the host) of a task other than the one the adapter is merged for."""
+    others = sorted(set(values) - {task})
+    if others:
+        raise ValueError(
+            f"the adapter is merged for task {task}, but the batch has task ids {others}. "
+            f"Call model.unmerge() first, or run only task {task} while merged."
+        )
