@@ -24,6 +24,10 @@ def test_study_runs_summarises_and_resumes(tmp_path):
     assert (root / "single-social_iqa-seed0" / "metrics.json").exists()
     assert "| mhr |" in (root / "results.md").read_text()
     assert (root / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bar plot
+    # the majority class and chance of the scored test examples, per task, as reference rows
+    references = json.loads((root / "references.json").read_text())
+    assert set(references["majority"]) == {"intent_recognition", "social_iqa"} and references["seeds"] == [0]
+    assert "| *majority class* |" in (root / "results.md").read_text()
     # social_iqa is multiple choice: the encoder scores option letters
     run_config = yaml.safe_load((root / "mhr-seed0" / "config.yaml").read_text())
     assert run_config["adapter"]["n_splits"] == 2
@@ -117,3 +121,38 @@ def test_summary_reports_acc_norm_of_scored_options_in_a_second_table(tmp_path):
     assert table["a"]["accuracy_norm"]["siqa"]["mean"] == 0.25 and "accuracy_norm" not in table["b"]
     text = results_markdown(table)
     assert "(acc_norm)" in text and "| a | 25.0 ± 0.0 |" in text and "| b | – |" in text
+
+
+def test_reference_scores_are_those_of_the_scored_test_examples():
+    """Majority class: the most frequent gold label's share (accuracy) or its F1 over the classes present
+    (macro-F1: 2p / (1 + p) for that class, 0 for the others); chance: 1 / the options, for accuracy only."""
+    import collections
+
+    from mtpeft.app.pipeline import load_run_tasks
+    from mtpeft.app.reference_scores import reference_scores
+    from mtpeft.app.run_config import run_config_from_dict
+
+    run = run_config_from_dict({"method": "lora", "output_dir": "unused", "model": {"name": "minilm"},
+                                "data": {"tasks": ["bbc_news", "intent_recognition", "social_iqa"],
+                                         "max_eval_examples": 40, "seed": 1}})
+    references = reference_scores(run)
+    for task in load_run_tasks(run):
+        gold = [r["label"] for r in task.splits["test"][:40]]
+        counts = collections.Counter(gold)
+        p = counts.most_common(1)[0][1] / len(gold)
+        got = references[task.name]
+        assert got["n"] == len(gold) == 40
+        if task.name == "bbc_news":  # macro-F1 over the classes present in gold
+            assert abs(got["majority"] - 2 * p / (1 + p) / len(counts)) < 1e-12 and got["chance"] is None
+        else:
+            assert abs(got["majority"] - p) < 1e-12
+            assert abs(got["chance"] - 1 / task.num_labels) < 1e-12  # encoders: the options as letters
+
+
+def test_unlearned_tasks_are_those_no_method_beats_the_majority_class_by_ten_points():
+    from mtpeft.app.reference_scores import unlearned_tasks
+
+    table = {"a": {"tasks": {"t1": {"mean": 0.62}, "t2": {"mean": 0.55}}},
+             "b": {"tasks": {"t1": {"mean": 0.40}, "t2": {"mean": 0.59}}}}
+    assert unlearned_tasks(table, {"t1": 0.5, "t2": 0.5}) == ["t2"]  # t1: 0.62 >= 0.60; t2: 0.59 < 0.60
+    assert unlearned_tasks(table, {"t1": 0.5, "t2": 0.5}, margin=0.05) == []

@@ -42,9 +42,13 @@ def exact_match(references: list[list[str]], predictions: list[str]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
+def scored_rows(task, split: str, limit: int | None) -> list[dict]:
+    """The rows of ``split`` that an evaluation with ``limit`` (``data.max_eval_examples``) scores."""
+    return task.splits[split][:limit] if limit else task.splits[split]
+
+
 def _examples(task, split: str, limit: int | None, task_id: int) -> list[dict]:
-    rows = task.splits[split][:limit] if limit else task.splits[split]
-    return [{**r, "task_id": task_id} for r in rows]
+    return [{**r, "task_id": task_id} for r in scored_rows(task, split, limit)]
 
 
 def _batches(rows: list, size: int):
@@ -69,7 +73,7 @@ def evaluate_encoder(model, tokenizer, tasks, *, split="test", batch_size=64, ma
                 routing.add(model)
             pred += out.logits.argmax(-1).tolist()
             gold += labels.tolist()
-        results[task.name] = _score(task, gold, pred)
+        results[task.name] = score_predictions(task, gold, pred)
     return _with_average(results)
 
 
@@ -83,7 +87,7 @@ def _scored(tasks, only) -> list:
     return [(i, t) for i, t in enumerate(tasks) if only is None or t.name in only]
 
 
-def _score(task, gold, pred) -> dict:
+def score_predictions(task, gold, pred) -> dict:
     metric = task.spec.metric
     value = macro_f1(gold, pred) if metric == "macro_f1" else accuracy(gold, pred)
     return {"metric": metric, "score": value, "accuracy": accuracy(gold, pred), "n": len(gold)}
@@ -213,7 +217,7 @@ def _evaluate_prompted(model, tokenizer, tasks, collate, choice_scores, generate
                 chars = torch.tensor([max(len(c), 1) for c in collate.choice_texts(row)], dtype=scores.dtype)
                 pred_norm.append(int((scores / chars).argmax()))
                 gold.append(int(row["label"]))
-            results[task.name] = {**_score(task, gold, pred), "accuracy_norm": accuracy(gold, pred_norm)}
+            results[task.name] = {**score_predictions(task, gold, pred), "accuracy_norm": accuracy(gold, pred_norm)}
     return _with_average(results)
 
 

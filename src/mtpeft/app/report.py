@@ -44,27 +44,31 @@ def _slug(text: str) -> str:
 
 
 def plot_bar_groups(columns: list[str], bars: dict[str, tuple[list[float], list[float] | None]], path: Path,
-                    ylabel: str, title: str | None = None) -> None:
+                    ylabel: str, title: str | None = None, references: tuple[str, ...] = ()) -> None:
     """Write :func:`bar_groups_figure` to ``path``."""
-    fig = bar_groups_figure(columns, bars, ylabel, title)
+    fig = bar_groups_figure(columns, bars, ylabel, title, references)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def bar_groups_figure(columns: list[str], bars: dict[str, tuple[list[float], list[float] | None]], ylabel: str,
-                      title: str | None = None):
+                      title: str | None = None, references: tuple[str, ...] = ()):
     """One group of bars per column, one bar per label (``bars``: label -> (heights, error bars or None));
-    NaN heights leave a gap. Scores live in [0, 1]; each bar is labelled with its value. The legend
-    sits below the axes, where no bar can be, in as many columns as fit."""
+    NaN heights leave a gap. Scores live in [0, 1]; each bar is labelled with its value. The labels in
+    ``references`` (a majority class, chance) are drawn grey and hatched, apart from the methods' colours.
+    The legend sits below the axes, where no bar can be, in as many columns as fit."""
     width = 0.85 / len(bars)
     many = len(bars) > 4  # then the values stand upright, so that neighbours' values do not collide
     fig, ax = plt.subplots(figsize=(max(7.0, len(columns) * max(1.6, 0.3 * len(bars))),
                                     4.2 + 0.25 * ((len(bars) + 2) // 3)), layout="constrained")
     # tab10 repeats its colours from the 11th bar on; tab20 gives up to 20 distinct ones
-    colors = plt.get_cmap("tab10" if len(bars) <= 10 else "tab20").colors
+    methods = [label for label in bars if label not in references]
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
     for i, (label, (heights, errors)) in enumerate(bars.items()):
+        style = (dict(color="0.8", hatch="///", edgecolor="0.45") if label in references
+                 else dict(color=colors[methods.index(label) % len(colors)]))
         container = ax.bar(np.arange(len(columns)) + i * width, heights, width, yerr=errors,
-                           capsize=1.5 if errors else 0, label=label, color=colors[i % len(colors)])
+                           capsize=1.5 if errors else 0, label=label, **style)
         ax.bar_label(container, labels=["" if np.isnan(h) else f"{h:.2f}" for h in heights],
                      padding=2, fontsize=6 if many else 7, rotation=90 if many else 0)
     ax.set_xticks(np.arange(len(columns)) + width * (len(bars) - 1) / 2, columns, rotation=15, ha="right")

@@ -85,6 +85,7 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
     """Train every planned run that has no metrics.json yet (``train=False``: none), then write the
     table of the finished ones."""
     from .pipeline import train_run, write_json
+    from .reference_scores import LEARNED_MARGIN, unlearned_tasks
 
     root = Path(study["output_dir"])
     root.mkdir(parents=True, exist_ok=True)
@@ -98,11 +99,37 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
         train_run(run_config_from_dict(planned["config"]), log=log)
         log(f"mtpeft study: {out.name} took {time.perf_counter() - started:.0f} s")
     table = summarise(runs)
+    references = study_references(runs, table)
     write_json(root / "results.json", table)
-    (root / "results.md").write_text(results_markdown(table) + "\n")
+    write_json(root / "references.json", references)
+    (root / "results.md").write_text(results_markdown(table, references) + "\n")
     if table:
-        plot_results(table, root / "results.png")
+        plot_results(table, root / "results.png", references)
+        unlearned = unlearned_tasks(table, {t: r["mean"] for t, r in references["majority"].items()})
+        if unlearned:
+            log(f"mtpeft study: no method is {100 * LEARNED_MARGIN:.0f} points above the majority class on "
+                f"{unlearned}: those columns compare noise (see references.json).")
     return root
+
+
+def study_references(runs: list[dict], table: dict) -> dict:
+    """The majority class and chance per task (mean / std over the seeds that have a finished run; each
+    seed splits the data its own way), on the examples every run of that seed is scored on."""
+    from .reference_scores import reference_scores
+
+    seeds = sorted({seed for row in table.values() for seed in row["seeds"]})
+    per_seed = []
+    for seed in seeds:
+        # every multi-task run of a seed shares its data settings; the single-task runs see one task each
+        planned = next(r for r in runs if r["seed"] == seed and r["task"] is None)
+        per_seed.append(reference_scores(run_config_from_dict(planned["config"])))
+    references = {"majority": {}, "chance": {}, "seeds": seeds}
+    for kind in ("majority", "chance"):
+        for task in dict.fromkeys(t for scores in per_seed for t in scores):
+            values = [scores[task][kind] for scores in per_seed if task in scores]
+            if values and None not in values:
+                references[kind][task] = _mean_std(values)
+    return references
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -145,7 +172,12 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def results_markdown(table: dict) -> str:
+_REFERENCE_ROWS = {"majority": "majority class", "chance": "chance"}
+
+
+def results_markdown(table: dict, references: dict | None = None) -> str:
+    """The study's table; ``references`` (:func:`study_references`) adds the majority-class and chance
+    rows below the methods, each averaged over the tasks only when every task has one."""
     tasks = list(dict.fromkeys(t for row in table.values() for t in row["tasks"]))
     lines = ["| method | " + " | ".join(tasks) + " | average | trainable params | s/step (median) | seeds |",
              "|" + "---|" * (len(tasks) + 5)]
@@ -156,6 +188,13 @@ def results_markdown(table: dict) -> str:
         avg_cell = f"{100 * avg['mean']:.1f} ± {100 * avg['std']:.1f}" if avg else "–"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg_cell} | "
                      f"{row['trainable_parameters']:,} | {row['seconds_per_step']:.3f} | {len(row['seeds'])} |")
+    for kind, name in _REFERENCE_ROWS.items():
+        scores = (references or {}).get(kind) or {}
+        if not scores:
+            continue
+        cells = [f"{100 * scores[t]['mean']:.1f}" if t in scores else "–" for t in tasks]
+        avg = f"{100 * statistics.fmean(scores[t]['mean'] for t in tasks):.1f}" if all(t in scores for t in tasks) else "–"
+        lines.append(f"| *{name}* | " + " | ".join(cells) + f" | {avg} | | | {len(references['seeds'])} |")
     norm_tasks = list(dict.fromkeys(t for row in table.values() for t in row.get("accuracy_norm", {})))
     if norm_tasks:
         lines += ["", "Accuracy with the log-likelihood per character of each option (acc_norm):", "",
@@ -168,8 +207,9 @@ def results_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_results(table: dict, path: Path) -> None:
-    """One group of bars per task (and the average), one bar per method, the seeds' std as error bars."""
+def plot_results(table: dict, path: Path, references: dict | None = None) -> None:
+    """One group of bars per task (and the average), one bar per method, the seeds' std as error bars;
+    the majority class as the last bar of each group."""
     from .report import plot_bar_groups
 
     tasks = list(dict.fromkeys(t for row in table.values() for t in row["tasks"]))
@@ -177,7 +217,13 @@ def plot_results(table: dict, path: Path) -> None:
     for label, row in table.items():
         cells = [row["tasks"].get(t) for t in tasks] + [row["average"]]
         bars[label] = ([c["mean"] if c else float("nan") for c in cells], [c["std"] if c else 0.0 for c in cells])
-    plot_bar_groups(tasks + ["average"], bars, path, ylabel="test score (mean ± std over seeds)")
+    majority = (references or {}).get("majority") or {}
+    if majority:
+        heights = [majority[t]["mean"] if t in majority else float("nan") for t in tasks]
+        average = statistics.fmean(heights) if all(t in majority for t in tasks) else float("nan")
+        bars[_REFERENCE_ROWS["majority"]] = (heights + [average], None)
+    plot_bar_groups(tasks + ["average"], bars, path, ylabel="test score (mean ± std over seeds)",
+                    references=(_REFERENCE_ROWS["majority"],))
 
 
 def main(argv: list[str] | None = None) -> int:
