@@ -50,11 +50,12 @@ def test_shipped_study_configs_plan_every_method():
     from mtpeft.app.study import planned_runs
 
     root = Path(__file__).parent.parent / "configs"
-    encoder = planned_runs(load_study(root / "study-encoder.yaml"))
-    labels = {r["label"] for r in encoder}
-    assert labels >= set(package_methods()) | {"mhr", "lora-single-task"}  # every package method is planned
-    assert len(encoder) == 3 * (10 + 5)  # 3 seeds x (10 methods + one single-task run per task)
-    for planned in encoder + planned_runs(load_study(root / "study-causal.yaml")):
+    encoders = [planned_runs(load_study(root / name)) for name in ("study-encoder.yaml", "study-encoder-v2.yaml")]
+    for encoder in encoders:
+        labels = {r["label"] for r in encoder}
+        assert labels >= set(package_methods()) | {"mhr", "lora-single-task"}  # every package method is planned
+        assert len(encoder) == 3 * (10 + 5)  # 3 seeds x (10 methods + one single-task run per task)
+    for planned in encoders[0] + encoders[1] + planned_runs(load_study(root / "study-causal.yaml")):
         run_config_from_dict(planned["config"])  # every planned run is a valid run config
 
 

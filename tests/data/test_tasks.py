@@ -31,7 +31,7 @@ from mtpeft.app.data import (  # noqa: E402
 from mtpeft.app.data.bigbench import bigbench_task_names  # noqa: E402
 
 BUILTINS = {"bbc_news", "multiemo", "intent_recognition", "vitaminc_fact_verification", "social_iqa",
-            "elementary_math_qa", "sports_understanding", "arithmetic"}
+            "elementary_math_qa", "sports_understanding", "arithmetic", "fact_checker_fever", "winowhy"}
 BB_TASKS = ["intent_recognition", "multiemo/all_text_en", "social_iqa", "arithmetic/*", "sports_understanding"]
 
 

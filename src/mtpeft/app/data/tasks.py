@@ -538,6 +538,12 @@ for _spec in (
     TaskSpec("elementary_math_qa", "bigbench:elementary_math_qa/question_only", kind="multiple_choice",
              metric="accuracy", max_examples=3000, instruction="What is the answer to the following math word problem?"),
     TaskSpec("sports_understanding", "bigbench:sports_understanding", kind="classification", metric="accuracy"),
+    # the encoder suite's v2 (issue 19): learned by a single-task LoRA on MiniLM in 100 steps, unlike
+    # vitaminc_fact_verification and social_iqa
+    TaskSpec("fact_checker_fever", "bigbench:fact_checker/fever", kind="classification", metric="accuracy",
+             instruction="Is this claim true or false?"),
+    TaskSpec("winowhy", "bigbench:winowhy", kind="classification", metric="accuracy",
+             instruction="Is the reason given for the pronoun's referent correct?"),
     TaskSpec("arithmetic", "bigbench:arithmetic/*", kind="generation", metric="exact_match",
              instruction="Answer with the number only."),
 ):
