@@ -28,6 +28,7 @@ def test_study_runs_summarises_and_resumes(tmp_path):
     references = json.loads((root / "references.json").read_text())
     assert set(references["majority"]) == {"intent_recognition", "social_iqa"} and references["seeds"] == [0]
     assert "| *majority class* |" in (root / "results.md").read_text()
+    assert (root / "comparisons.md").read_text().startswith("No comparison yet")  # one seed: no spread
     # social_iqa is multiple choice: the encoder scores option letters
     run_config = yaml.safe_load((root / "mhr-seed0" / "config.yaml").read_text())
     assert run_config["adapter"]["n_splits"] == 2
@@ -157,3 +158,52 @@ def test_unlearned_tasks_are_those_no_method_beats_the_majority_class_by_ten_poi
              "b": {"tasks": {"t1": {"mean": 0.40}, "t2": {"mean": 0.59}}}}
     assert unlearned_tasks(table, {"t1": 0.5, "t2": 0.5}) == ["t2"]  # t1: 0.62 >= 0.60; t2: 0.59 < 0.60
     assert unlearned_tasks(table, {"t1": 0.5, "t2": 0.5}, margin=0.05) == []
+
+
+def test_paired_comparison_over_seeds_is_the_paired_t_test():
+    """d_s = a_s - b_s; t = mean(d) / (std(d) / sqrt(n)); p two-sided with n - 1 degrees of freedom.
+    For n = 3 (2 degrees of freedom) the t distribution has a closed form: p = 1 - |t| / sqrt(2 + t^2)."""
+    import math
+    import statistics
+
+    from mtpeft.app.significance import claim, paired_difference
+
+    a, b = {0: 0.70, 1: 0.74, 2: 0.69, 5: 0.9}, {0: 0.66, 1: 0.71, 2: 0.68}
+    result = paired_difference(a, b)
+    diffs = [0.04, 0.03, 0.01]
+    assert result["seeds"] == [0, 1, 2]  # only the seeds both have
+    t = statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(3))
+    assert abs(result["t"] - t) < 1e-9 and abs(result["p"] - (1 - abs(t) / math.sqrt(2 + t * t))) < 1e-9
+    sentence = claim("x", "y", "average", result)
+    assert sentence.startswith("x vs y on average: +2.7 points (per seed +4.0/+3.0/+1.0")
+    assert ("not larger" in sentence) == (result["p"] >= 0.05)
+    assert paired_difference({0: 0.5}, {0: 0.4}) is None  # one shared seed: no spread
+    same = paired_difference({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5})  # the same difference on every seed
+    assert same["p"] == 0.0 and same["t"] == math.inf
+    assert paired_difference({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})["p"] == 1.0
+
+
+def test_study_compares_every_method_with_its_baselines_paired_over_seeds(tmp_path):
+    from mtpeft.app.significance import comparisons_markdown, study_comparisons
+    from mtpeft.app.study import summarise
+
+    runs = []
+    scores = {"lora": [0.60, 0.62, 0.61], "m": [0.70, 0.73, 0.71]}
+    for label, values in scores.items():
+        for seed, value in enumerate(values):
+            out = tmp_path / f"{label}-seed{seed}"
+            out.mkdir()
+            (out / "metrics.json").write_text(json.dumps({
+                "tasks": {"t1": {"score": value}, "t2": {"score": 0.5}}, "trainable_parameters": {"a": 1},
+                "seconds_per_step": 1.0}))
+            runs.append({"label": label, "seed": seed, "config": {"output_dir": str(out)}})
+    table = summarise(runs)
+    comparisons = study_comparisons(table, ["lora", "absent-baseline"])
+    assert set(comparisons) == {"lora"} and set(comparisons["lora"]) == {"m"}
+    t1 = comparisons["lora"]["m"]["t1"]
+    assert [round(d, 9) for d in t1["diffs"]] == [0.1, 0.11, 0.1] and t1["p"] < 0.05
+    assert comparisons["lora"]["m"]["t2"]["p"] == 1.0  # equal on every seed
+    average = comparisons["lora"]["m"]["average"]
+    assert abs(average["mean"] - (0.05 + 0.055 + 0.05) / 3) < 1e-12  # the per-seed averages' differences
+    text = comparisons_markdown(comparisons)
+    assert "Against `lora`:" in text and "| m | **+10.3 ± 0.6 (p 0.00)** | +0.0 ± 0.0 (p 1.00) |" in text

@@ -86,6 +86,7 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
     table of the finished ones."""
     from .pipeline import train_run, write_json
     from .reference_scores import LEARNED_MARGIN, unlearned_tasks
+    from .significance import comparisons_markdown, study_comparisons
 
     root = Path(study["output_dir"])
     root.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,9 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
     references = study_references(runs, table)
     write_json(root / "results.json", table)
     write_json(root / "references.json", references)
+    comparisons = study_comparisons(table, baselines(study))
+    write_json(root / "comparisons.json", comparisons)
+    (root / "comparisons.md").write_text(comparisons_markdown(comparisons) + "\n")
     (root / "results.md").write_text(results_markdown(table, references) + "\n")
     if table:
         plot_results(table, root / "results.png", references)
@@ -110,6 +114,15 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
             log(f"mtpeft study: no method is {100 * LEARNED_MARGIN:.0f} points above the majority class on "
                 f"{unlearned}: those columns compare noise (see references.json).")
     return root
+
+
+def baselines(study: dict) -> list[str]:
+    """What every method is compared with: the study's first method (the suites' multi-task LoRA) and its
+    single-task baseline."""
+    names = [study["methods"][0]["name"]]
+    if study.get("single_task"):
+        names.append(study["single_task"]["name"])
+    return names
 
 
 def study_references(runs: list[dict], table: dict) -> dict:
@@ -161,7 +174,9 @@ def summarise(runs: list[dict]) -> dict:
         averages = [statistics.fmean(by_seed[s] for by_seed in entry["scores"].values()) for s in complete]
         table[label] = {"tasks": tasks, "average": _mean_std(averages) if averages else None, "seeds": seeds,
                         "trainable_parameters": max(entry["params"]),
-                        "seconds_per_step": statistics.median(entry["step"])}
+                        "seconds_per_step": statistics.median(entry["step"]),
+                        # the scores themselves, for comparisons paired over seeds (mtpeft.app.significance)
+                        "per_seed": {"tasks": entry["scores"], "average": dict(zip(complete, averages))}}
         if entry["norm"]:
             table[label]["accuracy_norm"] = {t: _mean_std(v) for t, v in entry["norm"].items()}
     return table
