@@ -56,7 +56,11 @@ def test_shipped_study_configs_plan_every_method():
         labels = {r["label"] for r in encoder}
         assert labels >= set(package_methods()) | {"mhr", "lora-single-task"}  # every package method is planned
         assert len(encoder) == 3 * (10 + 5)  # 3 seeds x (10 methods + one single-task run per task)
-    for planned in encoders[0] + encoders[1] + planned_runs(load_study(root / "study-causal.yaml")):
+    ablation = load_study(root / "ablation-moelora.yaml")
+    assert ablation["base"] == load_study(root / "study-encoder-v2.yaml")["base"]  # the same suite, re-run
+    assert len(planned_runs(ablation)) == 3 * 6
+    for planned in (encoders[0] + encoders[1] + planned_runs(load_study(root / "study-causal.yaml"))
+                    + planned_runs(ablation)):
         run_config_from_dict(planned["config"])  # every planned run is a valid run config
 
 
