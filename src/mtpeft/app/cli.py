@@ -1,4 +1,4 @@
-"""The ``mtpeft`` command line: train, eval, report, export (and bench, see ``mtpeft bench --help``).
+"""The ``mtpeft`` command line: train, eval, report, export, adapt (and study, bench, see ``mtpeft bench --help``).
 
 ``mtpeft train`` with no config runs the embedded default: TeamLoRA on all-MiniLM-L6-v2 over three
 real tasks (BBC News topics, BIG-bench multiemo sentiment and intent recognition), a few minutes on
@@ -48,6 +48,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from .adapt import AdaptSettings, adapt_run
+
+    settings = AdaptSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    metrics = adapt_run(args.run_dir, args.task, shots=args.shots, mode=args.mode, out=args.out, settings=settings)
+    print(f"mtpeft adapt: {metrics['task']} ({args.shots} examples, mode {args.mode}): test "
+          f"{metrics['result']['metric']} {100 * metrics['score']:.1f} %; written to {args.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -74,20 +84,20 @@ def cmd_export(args) -> int:
             out = export_run(args.run_dir, args.out, args.task)
         except (ExportError, FileNotFoundError) as err:  # one line, nothing written
             raise SystemExit(f"mtpeft export: error: {err}") from None
-        how = "exact"
+        how = "an exact"
     else:
         from .distill_run import distill_run
 
         out = distill_run(args.run_dir, args.out, task=args.task, all_tasks=all_tasks, rank=rank,
                           calibration=calibration, mode=args.mode)
-        how = "distilled"
+        how = "a distilled"
     config = json.loads((Path(out) / "adapter_config.json").read_text())
     loader = {"CAUSAL_LM": "peft.AutoPeftModelForCausalLM.from_pretrained",
               "SEQ_2_SEQ_LM": "peft.AutoPeftModelForSeq2SeqLM.from_pretrained",
               "FEATURE_EXTRACTION": "peft.AutoPeftModelForFeatureExtraction.from_pretrained"}.get(
         config.get("task_type"), "peft.PeftModel.from_pretrained(base, ...)")
     head = " + head.safetensors (the task's classifier; see docs/guide.md)" if (Path(out) / "head.safetensors").exists() else ""
-    print(f"mtpeft: wrote a {how} PEFT LoRA to {out} for base {config.get('base_model_name_or_path')}; "
+    print(f"mtpeft: wrote {how} PEFT LoRA to {out} for base {config.get('base_model_name_or_path')}; "
           f"load it with {loader}('{out}'){head}")
     return 0
 
@@ -175,6 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="distilled export: least-squares fit (default) or the baseline that fixes each "
                      "expert's mean gate weight for the task")
     exp.set_defaults(func=cmd_export)
+
+    adapt = sub.add_parser("adapt", help="adapt a trained run to a new task from k examples",
+                           description="Add a task the run was not trained on and train it alone on its first "
+                                       "--shots training examples: routing only (task-routed methods), the "
+                                       "whole adapter (full / further), or a fresh adapter of the run's method "
+                                       "(fresh, the baseline). Scores the new task's test split; writes OUT with "
+                                       "adapter/ and metrics.json. See mtpeft.app.adapt.")
+    adapt.add_argument("run_dir", metavar="RUN_DIR", help=run_dir_help)
+    adapt.add_argument("--task", required=True, help="the new task: a built-in task name (e.g. winowhy)")
+    adapt.add_argument("--shots", type=int, required=True, help="number of its training examples to train on")
+    adapt.add_argument("--mode", required=True, choices=["routing", "full", "further", "fresh"],
+                       help="routing: only the new task's routing logits (Poly, MHR, C-Poly, MTL-LoRA); full: "
+                       "add the task and train every adapter parameter; further: train a non-task-routed "
+                       "adapter (LoRA) on; fresh: a freshly initialised adapter of the run's method")
+    adapt.add_argument("--out", required=True, help="folder to write (new or empty)")
+    adapt.add_argument("--steps", type=int, default=50, help="training steps (default 50, whatever --shots is)")
+    adapt.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    adapt.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 0.002)")
+    adapt.add_argument("--seed", type=int, default=0, help="seed of the new task's split and of training (0)")
+    adapt.set_defaults(func=cmd_adapt)
 
     study = sub.add_parser("study", help="every method x seed on a task suite, one results table "
                            "(see mtpeft study --help)", add_help=False)

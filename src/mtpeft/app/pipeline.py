@@ -226,19 +226,24 @@ def run_adapter_folder(run_dir) -> Path:
     return checkpoints[-1]
 
 
-def load_run(run_dir) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
-    """The trained model of a run folder, ready to evaluate."""
-    run_dir = Path(run_dir)
+def read_run_folder_config(run_dir: Path) -> RunConfig:
+    """A run folder's config.yaml, with errors that say what the folder lacks."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist (or is not a folder); pass a folder "
                                 f"written by `mtpeft train`.")
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a folder written by `mtpeft train`.")
     try:
-        run = load_run_config(run_dir / "config.yaml")
+        return load_run_config(run_dir / "config.yaml")
     except ValueError as err:
         raise type(err)(f"{run_dir}/config.yaml: {err} Restore it from the run's command, or train the run "
                         f"again.") from None
+
+
+def load_run(run_dir, is_trainable: bool = False) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
+    """The trained model of a run folder, ready to evaluate (``is_trainable``: to train further)."""
+    run_dir = Path(run_dir)
+    run = read_run_folder_config(run_dir)
     adapter = run_adapter_folder(run_dir)  # before loading data and model: a run without one fails fast
     saved = read_adapter_config(adapter)  # a clear AdapterFileError before data and model load
     tasks = load_run_tasks(run)
@@ -248,7 +253,7 @@ def load_run(run_dir) -> tuple[MultiTaskModel, object, str, list, RunConfig]:
                                f"adapter. Restore the run's config.yaml.")
     kind = model_kind(run.model.name, run.model.kind)
     base, tokenizer = build_base(run.model.name, kind, tasks, seed=run.train.seed)
-    model = MultiTaskModel.from_pretrained(base, adapter)
+    model = MultiTaskModel.from_pretrained(base, adapter, is_trainable=is_trainable)
     return model, tokenizer, kind, tasks, run
 
 

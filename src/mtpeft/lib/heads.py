@@ -34,6 +34,17 @@ class MultiTaskEncoderClassifier(nn.Module):
         self.task_names = list(task_names) if task_names else [str(i) for i in range(len(n_labels))]
         self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in self.n_labels)
 
+    def add_head(self, n_labels: int, name: str) -> int:
+        """Append a head for a new task (initialised as nn.Linear is, from torch's current seed) and
+        return its task id. Wrapped with modules_to_save=["heads"], it trains and saves with the adapter."""
+        if name in self.task_names:
+            raise ValueError(f"the classifier already has a head for task {name!r}; name the new task differently.")
+        self.heads.append(nn.Linear(self.encoder.config.hidden_size, n_labels).to(
+            device=self.heads[0].weight.device, dtype=self.heads[0].weight.dtype))
+        self.n_labels.append(n_labels)
+        self.task_names.append(name)
+        return len(self.heads) - 1
+
     @property
     def max_labels(self) -> int:
         return max(self.n_labels)

@@ -46,13 +46,18 @@ def mixing_weights(sizes: Mapping[str, int], temperature: float) -> dict[str, fl
 class MultiTaskDataset(Dataset):
     """Several tasks' examples behind one flat index; each item gets its ``task_id`` (and ``task``).
 
-    Flat index ``offsets[t] + i`` is example ``i`` of task ``t``, in the order of ``tasks``.
+    Flat index ``offsets[t] + i`` is example ``i`` of task ``t``, in the order of ``tasks``. The task id
+    is that position, unless ``task_ids`` names another (a task added to a trained adapter trains
+    alone under its own id, after the tasks the adapter already has: mtpeft.app.adapt).
     """
 
-    def __init__(self, tasks: Mapping[str, Sequence[dict]]):
+    def __init__(self, tasks: Mapping[str, Sequence[dict]], task_ids: Mapping[str, int] | None = None):
         if not tasks:
             raise ValueError("MultiTaskDataset needs at least one task.")
+        if task_ids is not None and set(task_ids) != set(tasks):
+            raise ValueError(f"task_ids names {sorted(task_ids)}, the tasks are {sorted(tasks)}: give one id per task.")
         self.names: list[str] = list(tasks)
+        self.ids: list[int] = [task_ids[n] for n in self.names] if task_ids is not None else list(range(len(tasks)))
         self.tasks: list[Sequence[dict]] = [tasks[n] for n in self.names]
         self.sizes: list[int] = [len(t) for t in self.tasks]
         self.offsets: list[int] = [0]
@@ -71,7 +76,7 @@ class MultiTaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         task, i = self.locate(index)
-        return {**self.tasks[task][i], "task_id": task, "task": self.names[task]}
+        return {**self.tasks[task][i], "task_id": self.ids[task], "task": self.names[task]}
 
 
 class MultiTaskSampler(Sampler[int]):
