@@ -37,7 +37,11 @@ _STUDY_KEYS = {"output_dir", "seeds", "base", "methods", "single_task", "name"}
 
 def load_study(path, overrides=None) -> dict:
     data = yaml.safe_load(Path(path).read_text()) or {}
-    data = apply_overrides(data, overrides or [])
+    return validate_study(apply_overrides(data, overrides or []), path)
+
+
+def validate_study(data: dict, path) -> dict:
+    """A study config's dict, checked (``path`` names it in errors), with its defaults filled in."""
     unknown = set(data) - _STUDY_KEYS
     if unknown:
         raise ValueError(f"unknown study keys {sorted(unknown)}; known: {sorted(_STUDY_KEYS)}.")
