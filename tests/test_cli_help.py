@@ -34,7 +34,7 @@ def help_of(*argv: str) -> tuple[str, list[str]]:
     return out["help"], out["heavy"]
 
 
-@pytest.mark.parametrize("command", ["", "train", "eval", "report", "export", "study", "bench"])
+@pytest.mark.parametrize("command", ["", "train", "eval", "report", "export", "adapt", "study", "bench"])
 def test_help_imports_no_heavy_package(command):
     text, heavy = help_of(*([command] if command else []))
     assert text.startswith("usage: mtpeft"), text
@@ -44,7 +44,7 @@ def test_help_imports_no_heavy_package(command):
 def test_help_texts_are_complete():
     study, _ = help_of("study")
     assert "plus the single-task baseline, summarised in one table" in " ".join(study.split())
-    for command in ("eval", "report", "export"):
+    for command in ("eval", "report", "export", "adapt"):
         text, _ = help_of(command)
         words = " ".join(text.split())
         description = words.split("positional arguments:")[0]
