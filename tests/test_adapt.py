@@ -102,12 +102,13 @@ def test_further_and_fresh_modes_of_a_lora_run(sources, tmp_path):
     ("poly", dict(shots=0), r"shots must be a positive number"),
     ("poly", dict(shots=10**6), r"fewer than --shots 1000000; ask for at most"),
     ("poly", dict(task="multiemo"), r"'multiemo' is one of the source run's tasks"),
+    ("poly", dict(settings=AdaptSettings(steps=0)), r"train.steps must be >= 1, got 0. Fix the option"),
 ])
 def test_refused_adaptations_write_nothing(sources, tmp_path, source, kwargs, message):
-    args = {"task": "bbc_news", "shots": 8, "mode": "full", **kwargs}
+    args = {"task": "bbc_news", "shots": 8, "mode": "full", "settings": TINY, **kwargs}
     out = tmp_path / "out"
     with pytest.raises(AdaptError, match=message):
-        adapt_run(sources[source], args.pop("task"), out=out, settings=TINY, log=lambda *a: None, **args)
+        adapt_run(sources[source], args.pop("task"), out=out, log=lambda *a: None, **args)
     assert list(tmp_path.iterdir()) == []
 
 

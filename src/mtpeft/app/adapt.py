@@ -58,9 +58,8 @@ class AdaptSettings:
     # new task is split with the source run's data.seed
 
 
-def check_adaptation(source: RunConfig, task_name: str, mode: str, shots: int, task_routed: bool | None) -> None:
-    """What can be refused before any data or model loads (``task_routed``: the source method's routing,
-    None when not known yet)."""
+def check_adaptation(source: RunConfig, task_name: str, mode: str, shots: int, task_routed: bool) -> None:
+    """What can be refused before any data or model loads (``task_routed``: the source method routes by task)."""
     if mode not in MODES:
         raise AdaptError(f"mode {mode!r} is not one of {list(MODES)}.")
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
@@ -69,12 +68,11 @@ def check_adaptation(source: RunConfig, task_name: str, mode: str, shots: int, t
     if task_name in names:
         raise AdaptError(f"task {task_name!r} is one of the source run's tasks {names}: adapting to it is not a "
                          f"new task. Pick a task the run was not trained on.")
-    if task_routed is not None:
-        if mode in ("routing", "full") and not task_routed:
-            raise AdaptError(f"mode {mode!r} adds a task to a task-routed adapter, but {source.method} does not "
-                             f"route by task; use --mode further (train the whole adapter on the new task) or fresh.")
-        if mode == "further" and task_routed:
-            raise AdaptError(f"{source.method} routes by task: use --mode routing or full (add_tasks), not further.")
+    if mode in ("routing", "full") and not task_routed:
+        raise AdaptError(f"mode {mode!r} adds a task to a task-routed adapter, but {source.method} does not "
+                         f"route by task; use --mode further (train the whole adapter on the new task) or fresh.")
+    if mode == "further" and task_routed:
+        raise AdaptError(f"{source.method} routes by task: use --mode routing or full (add_tasks), not further.")
 
 
 def adapt_run(source_dir, task, *, shots: int, mode: str, out, settings: AdaptSettings | None = None,
@@ -92,8 +90,8 @@ def adapt_run(source_dir, task, *, shots: int, mode: str, out, settings: AdaptSe
     spec = task_from_dict(task)
     from ..lib.config import get_method_spec
 
-    task_routed = get_method_spec(source.method).routing == "task"
-    check_adaptation(source, spec.name, mode, shots, task_routed)
+    check_adaptation(source, spec.name, mode, shots, get_method_spec(source.method).routing == "task")
+    train = _train_section(source, settings)  # a bad step count or learning rate is refused here
     data = source.data
     # the source's own split seed: `mtpeft eval OUT` then splits every task, old and new, as this run did
     new = load_tasks([spec], seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction)[0]
@@ -113,9 +111,7 @@ def adapt_run(source_dir, task, *, shots: int, mode: str, out, settings: AdaptSe
         # config.yaml describes the grown adapter: the source's tasks, then the new one
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, tasks=[*run.data.tasks, task]))
     task_id = len(tasks) - 1
-    run = dataclasses.replace(run, output_dir=str(out), train=dataclasses.replace(
-        run.train, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
-        save_steps=settings.steps + 1, logging_steps=max(1, min(run.train.logging_steps, settings.steps))))
+    run = dataclasses.replace(run, output_dir=str(out), train=train)
     rows = tasks[task_id].train[:shots]  # the first k of the seed's shuffle: 16 examples are a subset of 64
     log(f"mtpeft adapt: {source.method} ({source_dir}) -> {new.name} from {shots} examples, mode {mode}, "
         f"{settings.steps} steps")
@@ -136,6 +132,18 @@ def adapt_run(source_dir, task, *, shots: int, mode: str, out, settings: AdaptSe
         out.rmdir()  # empty (checked above); rename onto it is not portable
     partial.rename(out)
     return metrics
+
+
+def _train_section(source: RunConfig, settings: AdaptSettings):
+    """The source's training settings with the adaptation's steps, batch, lr and seed, checked as a run
+    config's are; no checkpoint (save_steps past the end: an adaptation is short and restarts whole)."""
+    train = dataclasses.replace(source.train, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                                seed=settings.seed, save_steps=settings.steps + 1,
+                                logging_steps=max(1, min(source.train.logging_steps, settings.steps)))
+    try:
+        return dataclasses.replace(source, train=train).train  # RunConfig's checks run on construction
+    except ValueError as err:
+        raise AdaptError(f"{err} Fix the option that sets it (--steps, --batch-size, --lr, --seed).") from None
 
 
 def _fresh_model(source: RunConfig, task, settings: AdaptSettings, out: Path):
