@@ -176,7 +176,7 @@ def _grow(model, kind: str, tasks: list, new, mode: str, seed: int) -> list:
 def _train_and_score(model, tokenizer, kind: str, tasks: list, task_id: int, rows: list, run: RunConfig,
                      out: Path) -> dict:
     from ..lib.optim import parameter_groups
-    from .evaluate import evaluate_causal, evaluate_encoder, evaluate_seq2seq
+    from .distill_run import evaluate_tasks
     from .pipeline import make_collator, training_arguments, write_json
     from .trainer import MultiTaskTrainer
 
@@ -195,12 +195,7 @@ def _train_and_score(model, tokenizer, kind: str, tasks: list, task_id: int, row
     write_json(out / "log_history.json", trainer.state.log_history)
     for checkpoint in out.glob("checkpoint-*"):  # the Trainer's save at the last step: OUT has adapter/
         shutil.rmtree(checkpoint)
-    kwargs = dict(split="test", limit=run.data.max_eval_examples, max_length=run.model.max_length, only=[new.name])
-    if kind == "encoder":
-        scores = evaluate_encoder(model, tokenizer, tasks, batch_size=run.train.eval_batch_size, **kwargs)
-    else:
-        evaluate = evaluate_seq2seq if kind == "seq2seq" else evaluate_causal
-        scores = evaluate(model, tokenizer, tasks, batch_size=max(1, run.train.eval_batch_size // 4), **kwargs)
+    scores = evaluate_tasks(model, tokenizer, kind, tasks, run, [new.name])
     return {"score": scores["tasks"][new.name]["score"], "result": scores["tasks"][new.name],
             "train_loss": result.training_loss, "seconds_per_step": seconds / run.train.steps,
             "trainable_parameters": model.trainable_parameter_breakdown(),
