@@ -139,7 +139,7 @@ def write_results(out: Path, rows: list[dict], adaptation: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "adaptation.json", (json.dumps({"settings": adaptation, "rows": rows, "table": table},
                                                             indent=2) + "\n").encode())
-    (out / "adaptation.md").write_text(markdown(table, rows) + "\n")
+    atomic_write_bytes(out / "adaptation.md", (markdown(table, rows) + "\n").encode())
     if table:
         plot(table, out / "adaptation.png")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mtpeft.lib.distill import DEFAULT_RIDGE, MODES, default_rank, fidelity_report, fit_factors, write_distilled_folder
 from mtpeft.app.distill_run import evaluate_tasks, stock_peft_model, task_statistics
-from mtpeft.lib.io import atomic_write_bytes
+from mtpeft.lib.io import atomic_write_bytes, atomic_write_text
 from mtpeft.app.run_config import run_config_from_dict
 from mtpeft.app.study import load_study, planned_runs, run_study
 
@@ -60,7 +60,7 @@ def fidelity_study(study: dict, out: Path, methods: list[str], calibration: int,
     run_study(study, log=log, train=False)  # the runs' own table (OUT/runs/results.md)
     table = summarise(rows)
     atomic_write_bytes(out / "fidelity.json", (json.dumps({"rows": rows, "table": table}, indent=2) + "\n").encode())
-    (out / "fidelity.md").write_text(markdown(table) + "\n")
+    atomic_write_text(out / "fidelity.md", markdown(table) + "\n")
     return table
 
 

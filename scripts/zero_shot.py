@@ -16,6 +16,7 @@ import mtpeft
 from mtpeft.app.base_models import build_base, model_kind
 from mtpeft.app.pipeline import evaluate_run_model, load_run_tasks
 from mtpeft.app.run_config import load_run_config
+from mtpeft.lib.io import atomic_write_text
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scores = evaluate_run_model(model, tokenizer, kind, tasks, run, out)
-    (out / "eval_test.json").write_text(json.dumps(scores, indent=2) + "\n")
+    atomic_write_text(out / "eval_test.json", json.dumps(scores, indent=2) + "\n")
     print(json.dumps({t: r["score"] for t, r in scores["tasks"].items()}))
 
 

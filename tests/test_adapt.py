@@ -55,6 +55,9 @@ def test_routing_mode_trains_only_the_new_tasks_routing_and_head(sources, tmp_pa
     assert max(float(after[k][2].abs().max()) for k in logits) > 2e-3
     assert metrics["task"] == "bbc_news" and metrics["shots"] == 8 and 0.0 <= metrics["score"] <= 1.0
     assert metrics["result"]["n"] == 12  # the source's max_eval_examples
+    # what trained: the new task's row of every logits tensor and its head, not the old tasks' rows
+    new_head = sum(v.numel() for k, v in after.items() if k.startswith("heads.2."))
+    assert metrics["trained_parameters"] == sum(after[k][2].numel() for k in logits) + new_head
     # the folder is a run folder: its config describes the grown adapter, and the old tasks score as before
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["tasks"] == SOURCE_TASKS + ["bbc_news"] and config["output_dir"] == str(out)

@@ -176,6 +176,7 @@ def _grow(model, kind: str, tasks: list, new, mode: str, seed: int) -> list:
 def _train_and_score(model, tokenizer, kind: str, tasks: list, task_id: int, rows: list, run: RunConfig,
                      out: Path) -> dict:
     from ..lib.optim import parameter_groups
+    from ..lib.tasks_api import trained_parameter_count
     from .distill_run import evaluate_tasks
     from .pipeline import make_collator, training_arguments, write_json
     from .trainer import MultiTaskTrainer
@@ -199,5 +200,5 @@ def _train_and_score(model, tokenizer, kind: str, tasks: list, task_id: int, row
     return {"score": scores["tasks"][new.name]["score"], "result": scores["tasks"][new.name],
             "train_loss": result.training_loss, "seconds_per_step": seconds / run.train.steps,
             "trainable_parameters": model.trainable_parameter_breakdown(),
-            # what this mode trains (routing: the new routing logits and head only)
-            "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            # what this mode trains (routing: the new task's routing logits and its head only)
+            "trained_parameters": trained_parameter_count(model)}

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from ..lib.io import atomic_write_text  # noqa: E402
+
 
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
@@ -172,5 +174,5 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         lines.append(f"- `{run['dir']}`: method `{cfg.get('method')}`, model `{(cfg.get('model') or {}).get('name')}`, "
                      f"adapter {cfg.get('adapter') or {}}, {(cfg.get('train') or {}).get('steps')} steps")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from ..lib.io import atomic_write_text
 from .run_config import apply_overrides, run_config_from_dict
 
 # .pipeline (torch, transformers, datasets) is imported where a run starts, so that
@@ -109,8 +110,8 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
     write_json(root / "references.json", references)
     comparisons = study_comparisons(table, baselines(study))
     write_json(root / "comparisons.json", comparisons)
-    (root / "comparisons.md").write_text(comparisons_markdown(comparisons) + "\n")
-    (root / "results.md").write_text(results_markdown(table, references) + "\n")
+    atomic_write_text(root / "comparisons.md", comparisons_markdown(comparisons) + "\n")
+    atomic_write_text(root / "results.md", results_markdown(table, references) + "\n")
     if table:
         plot_results(table, root / "results.png", references)
         unlearned = unlearned_tasks(table, {t: r["mean"] for t, r in references["majority"].items()})

@@ -57,6 +57,22 @@ def routing_table(layer: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits[:n].detach(), logits[n:]])
 
 
+def trained_parameter_count(model) -> int:
+    """How many adapter-model parameters get gradients: those with ``requires_grad``, less the old tasks'
+    rows of the routing logits that :func:`routing_table` detaches after ``add_tasks(...,
+    train_only_routing=True)`` (they keep ``requires_grad``: the mask is in the forward, not on the tensor)."""
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for _, layer in model.adapted_layers():
+        n = getattr(layer, "frozen_task_rows", None)
+        if not n:
+            continue
+        for name, role in layer.parameter_roles.items():
+            param = getattr(layer, name, None)
+            if role == "router" and isinstance(param, nn.Parameter) and param.requires_grad:
+                count -= param[:n].numel()  # task dimension first (grow_task_parameter's layout)
+    return count
+
+
 def add_tasks(model, n: int, train_only_routing: bool = False) -> None:
     """Append ``n`` tasks to every adapted layer of ``model`` and to ``model.config.n_tasks``.
 

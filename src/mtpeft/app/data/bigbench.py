@@ -22,11 +22,11 @@ import gzip
 import json
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from mtpeft.app.assets import bigbench_tarball
+from mtpeft.lib.io import atomic_write_bytes
 
 __all__ = [
     "UnknownBigBenchTaskError",
@@ -50,18 +50,9 @@ class UnknownBigBenchTaskError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, so readers never see half a file."""
+def _write_creating_folder(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 class _Tarball:
@@ -114,14 +105,14 @@ class _Tarball:
         if not tasks:
             raise RuntimeError(f"{self.path} holds no {MEMBER_PREFIX}*/task.json: is it the bigbench 1.0.0 sdist?")
         self._index = {**self._stamp(), "tasks": tasks, "programmatic": sorted(programmatic - set(tasks))}
-        _atomic_write(self.index_path, json.dumps(self._index).encode())
+        _write_creating_folder(self.index_path, json.dumps(self._index).encode())
 
     # -- extracted task files ------------------------------------------------------------------
     def task_file(self, task: str) -> Path:
         return self.tasks_dir / task / "task.json"
 
     def _store(self, task: str, raw: bytes) -> None:
-        _atomic_write(self.task_file(task), raw)
+        _write_creating_folder(self.task_file(task), raw)
 
     def has_index(self) -> bool:
         return self._index is not None or self.index_path.is_file()
