@@ -17,8 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..lib.distill import (DEFAULT_RIDGE, refuse_non_empty_folder, check_rank, collect_statistics, fidelity_line,
+from ..lib.distill import (DEFAULT_RIDGE, check_rank, collect_statistics, fidelity_line,
                       fidelity_report, fit_factors, write_distilled_folder)
+from ..lib.export import check_target_folder
 from ..lib.io import atomic_write_bytes
 
 
@@ -121,7 +122,7 @@ def distill_run(run_dir, out, task: str | None = None, all_tasks: bool = False, 
     if calibration is not None and (isinstance(calibration, bool) or not isinstance(calibration, int)
                                     or calibration <= 0):
         raise ValueError(f"--calibration {calibration!r} must be a positive number of examples per task.")
-    refuse_non_empty_folder(out)
+    check_target_folder(out)
     model, tokenizer, kind, tasks, run = load_run(run_dir)
     names = [t.name for t in tasks]
     if task is not None and task not in names:

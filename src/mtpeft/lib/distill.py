@@ -38,6 +38,7 @@ from .config import spec_of
 from .core.context import Route
 from .core.layer import AdaptedLayer
 from .core.routing import token_task_ids
+from .export import check_target_folder
 
 MODES = ("least_squares", "routing_folded")
 DEFAULT_RIDGE = 1e-6
@@ -285,7 +286,7 @@ def distill_lora(model, path, batches: Iterable[dict], *, task: int | None = Non
     """
     _check_arguments(model, mode, rank, ridge)
     out = Path(path)
-    refuse_non_empty_folder(out)
+    check_target_folder(out)
     calibration = collect_statistics(model, batches, task)
     factors, details = fit_factors(model, calibration, task=task, rank=rank, ridge=ridge, mode=mode)
     report = fidelity_report(model, factors, details, calibration,
@@ -329,11 +330,6 @@ def fidelity_line(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the folder
-
-
-def refuse_non_empty_folder(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not empty; pass a new folder (or remove it first).")
 
 
 def write_distilled_folder(model, path: Path, factors, report: dict, task: int | None = None,

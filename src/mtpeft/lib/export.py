@@ -50,6 +50,11 @@ class ExportError(ValueError):
     """An export that cannot be written correctly; the message names the problem and the fix."""
 
 
+class TargetFolderTakenError(ExportError, FileExistsError):
+    """The folder asked for holds files (or is a file): an export or a distillation writes only into a new
+    or empty folder, never over or beside other files."""
+
+
 # ---------------------------------------------------------------------------- the stock base model
 def stock_base(model) -> tuple[torch.nn.Module, str]:
     """(the stock HF model inside ``model``, the prefix of its module paths in mtpeft's base model)."""
@@ -101,11 +106,12 @@ def _tied_to_input_embeddings(stock: torch.nn.Module, module: torch.nn.Module) -
 
 # ---------------------------------------------------------------------------- the folder
 def check_target_folder(path: Path) -> None:
+    """Refuse a target folder that is a file or holds files (:class:`TargetFolderTakenError`)."""
     if path.exists() and not path.is_dir():
-        raise ExportError(f"export folder {path} exists and is a file; choose another folder.")
+        raise TargetFolderTakenError(f"export folder {path} exists and is a file; choose another folder.")
     if path.is_dir() and any(path.iterdir()):
-        raise ExportError(f"export folder {path} exists and is not empty; choose a new folder (or delete "
-                          f"this one first): an export never overwrites or mixes with other files.")
+        raise TargetFolderTakenError(f"export folder {path} exists and is not empty; choose a new folder (or "
+                                     f"delete this one first): an export never overwrites or mixes with other files.")
 
 
 def _write_folder_atomically(path: Path, files: dict[str, bytes]) -> None:
