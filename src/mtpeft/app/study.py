@@ -27,7 +27,6 @@ from pathlib import Path
 
 import yaml
 
-from ..lib.io import atomic_write_text
 from .run_config import apply_overrides, run_config_from_dict
 
 # .pipeline (torch, transformers, datasets) is imported where a run starts, so that
@@ -110,6 +109,8 @@ def run_study(study: dict, log=print, train: bool = True) -> Path:
     write_json(root / "references.json", references)
     comparisons = study_comparisons(table, baselines(study))
     write_json(root / "comparisons.json", comparisons)
+    from ..lib.io import atomic_write_text  # torch: not at import (`mtpeft study --help` stays light)
+
     atomic_write_text(root / "comparisons.md", comparisons_markdown(comparisons) + "\n")
     atomic_write_text(root / "results.md", results_markdown(table, references) + "\n")
     if table:

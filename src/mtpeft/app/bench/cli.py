@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...lib.io import atomic_write_text
 from .common import QUICK_METHODS, SECTIONS, log
 from .report import evaluate_targets, markdown_tables, print_tables
 from .timing import CLOCK, CLOCKS, load_average, machine_info, set_threads
@@ -118,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             path = Path(args.out)
             path.parent.mkdir(parents=True, exist_ok=True)
+            from ...lib.io import atomic_write_text  # torch: not at import (`--help` stays light)
+
             atomic_write_text(path, json.dumps(res, indent=1) + "\n")
             log(args, f"wrote {path}")
     if args.json:
