@@ -38,7 +38,7 @@ from .config import spec_of
 from .core.context import Route
 from .core.layer import AdaptedLayer
 from .core.routing import token_task_ids
-from .export import check_target_folder
+from .export import check_target_folder, write_peft_lora
 
 MODES = ("least_squares", "routing_folded")
 DEFAULT_RIDGE = 1e-6
@@ -335,6 +335,4 @@ def fidelity_line(report: dict) -> str:
 def write_distilled_folder(model, path: Path, factors, report: dict, task: int | None = None,
                            labels: list[str] | None = None) -> Path:
     extra = {"fidelity.json": (json.dumps(report, indent=2) + "\n").encode()}
-    from .export import write_peft_lora
-
     return write_peft_lora(model, path, factors, extra_files=extra, task=task, labels=labels)
