@@ -15,6 +15,8 @@ Modes (rank 0 writes a JSON report to OUT.json; a failed check raises, so the jo
   every rank.
 * ``pipeline CONFIG [STOP_AT]``: ``train_run`` of a run config, optionally stopped after STOP_AT steps
   (for the resume test).
+* ``cli CONFIG``: ``mtpeft train CONFIG --no-eval`` through the command line's ``main``; reports its
+  exit code and whether the process group still exists once the command has returned.
 
 Also importable: ``make_fixture(root)`` builds the tiny encoder folder and two json tasks the pipeline
 tests train on.
@@ -331,7 +333,17 @@ def pipeline(out: Path, config: str, stop_at: str | None = None) -> None:
         out.write_text(json.dumps({"ok": True}))
 
 
+def cli(out: Path, config: str) -> None:
+    import torch.distributed as dist
+
+    from mtpeft.app.cli import main
+
+    code = main(["train", config, "--no-eval"])
+    if os.environ.get("RANK") == "0":  # the group is gone: rank from the launcher's environment
+        out.write_text(json.dumps({"code": code, "in_process_group": dist.is_initialized()}))
+
+
 if __name__ == "__main__":
     mode, target, *rest = sys.argv[1:]
     torch.set_num_threads(1)
-    {"ddp_methods": ddp_methods, "fsdp2": fsdp2, "pipeline": pipeline}[mode](Path(target), *rest)
+    {"ddp_methods": ddp_methods, "fsdp2": fsdp2, "pipeline": pipeline, "cli": cli}[mode](Path(target), *rest)

@@ -152,6 +152,16 @@ def test_torchrun_ddp_equals_one_process(fixture_dir, single_run):
         assert ddp_losses[step] == pytest.approx(one_losses[step], rel=1e-5), step
 
 
+def test_torchrun_train_command_leaves_the_process_group(fixture_dir):
+    """`mtpeft train` under torchrun destroys the process group it joined before it returns (as
+    torchtune's recipes do), so no gloo / NCCL thread runs on into interpreter shutdown."""
+    root, folder, tasks = fixture_dir
+    config = write_config(root / "cli.yaml", tiny_run_dict(folder, tasks, root / "cli"))
+    torchrun(WORKER, "cli", root / "cli.json", config, cwd=root)
+    assert json.loads((root / "cli.json").read_text()) == {"code": 0, "in_process_group": False}
+    assert (root / "cli" / "checkpoint-6" / "COMPLETE").exists()  # it trained (in two processes)
+
+
 def test_ddp_every_method_without_find_unused_parameters(tmp_path):
     """Every method in DDP(find_unused_parameters=False): tasks absent from a rank or from the whole
     step, top-1 routing leaving experts idle. Exact vs one process (SGD, eval mode, no aux); then

@@ -232,13 +232,28 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)  # `mtpeft train train.steps=5`: overrides on the default
         args.config = None
     try:
-        return args.func(args)
+        code = args.func(args)
+        _leave_process_group()
+        return code
     except BaseException as err:
         message = _one_line_message(err)
         if message is None or os.environ.get("MTPEFT_DEBUG"):
             raise  # a bug (or MTPEFT_DEBUG=1): the full traceback
         print(f"mtpeft {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _leave_process_group() -> None:
+    """Under torchrun a command that trained has joined a process group (pipeline.train_run): leave it
+    before Python exits, as torchtune's recipes do, so that no gloo / NCCL thread outlives the
+    interpreter and NCCL does not warn of a leak. Only after success: a rank that failed leaves at
+    once (torchrun then stops its peers) rather than wait for them at the barrier on the way out.
+    Looks in sys.modules so that a command that never imported torch does not import it here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from ..lib.distributed import destroy_distributed
+
+        destroy_distributed()
 
 
 # What to do about an OSError, by errno (the message names the path).

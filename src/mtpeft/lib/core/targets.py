@@ -17,8 +17,15 @@ _LLAMA_LIKE = {
     "mlp": r".*\.(gate_proj|up_proj|down_proj)",
 }
 DEFAULT_TARGETS: dict[str, dict[str, str]] = {
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
-                                "gemma3_text", "phi3", "olmo", "olmo2", "smollm3", "granite")},
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                "olmo", "olmo2", "smollm3", "granite", "stablelm")},
+    # Mixtral's experts are one fused 3-D parameter per block, not Linear layers: no "mlp" default.
+    "mixtral": {k: v for k, v in _LLAMA_LIKE.items() if k != "mlp"},
+    "phi3": {  # fused q, k, v (and gate, up): as GPT-2's c_attn, one layer holds q and v
+        "attention_qv": r".*\.self_attn\.qkv_proj",
+        "attention_all": r".*\.self_attn\.(qkv_proj|o_proj)",
+        "mlp": r".*\.mlp\.(gate_up_proj|down_proj)",
+    },
     "bert": {
         "attention_qv": r".*\.attention\.self\.(query|value)",
         "attention_all": r".*\.attention\.(self\.(query|key|value)|output\.dense)",
@@ -34,8 +41,37 @@ DEFAULT_TARGETS: dict[str, dict[str, str]] = {
         "attention_all": r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)",
         "mlp": r".*\.DenseReluDense\.(wi|wi_0|wi_1|wo)",
     },
+    # BART-like: encoder-decoders and OPT share "<i>.self_attn.{q,k,v,out}_proj" and "<i>.fc1/fc2";
+    # the attention names are anchored to their block because BartForSequenceClassification's head
+    # has an "out_proj" too.
+    "bart": {
+        "attention_qv": r".*\.(self_attn|encoder_attn)\.(q_proj|v_proj)",
+        "attention_all": r".*\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)",
+        "mlp": r".*\.layers\.\d+\.(fc1|fc2)",
+    },
+    "distilbert": {
+        "attention_qv": r".*\.attention\.(q_lin|v_lin)",
+        "attention_all": r".*\.attention\.(q_lin|k_lin|v_lin|out_lin)",
+        "mlp": r".*\.ffn\.(lin1|lin2)",
+    },
+    "deberta-v2": {
+        "attention_qv": r".*\.attention\.self\.(query_proj|value_proj)",
+        "attention_all": r".*\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)",
+        "mlp": r".*\.layer\.\d+\.(intermediate\.dense|output\.dense)",
+    },
+    "gpt_neox": {  # fused q, k, v in one layer, as GPT-2's c_attn
+        "attention_qv": r".*\.attention\.query_key_value",
+        "attention_all": r".*\.attention\.(query_key_value|dense)",
+        "mlp": r".*\.mlp\.(dense_h_to_4h|dense_4h_to_h)",
+    },
+    "gpt_neo": {
+        "attention_qv": r".*\.attn\.attention\.(q_proj|v_proj)",
+        "attention_all": r".*\.attn\.attention\.(q_proj|k_proj|v_proj|out_proj)",
+        "mlp": r".*\.mlp\.(c_fc|c_proj)",
+    },
 }
-for _alias, _of in (("roberta", "bert"), ("xlm-roberta", "bert"), ("electra", "bert"), ("mt5", "t5")):
+for _alias, _of in (("roberta", "bert"), ("xlm-roberta", "bert"), ("electra", "bert"), ("mt5", "t5"),
+                    ("mbart", "bart"), ("pegasus", "bart"), ("opt", "bart")):
     DEFAULT_TARGETS[_alias] = DEFAULT_TARGETS[_of]
 
 
@@ -45,6 +81,11 @@ def default_target_regex(model: nn.Module, role: str) -> str:
         raise ValueError(
             f"no default target_modules for model type {model_type!r}; set target_modules explicitly "
             f"(names, a regex, or 'all-linear'). Candidates: {candidate_names(model)}"
+        )
+    if role not in DEFAULT_TARGETS[model_type]:
+        raise ValueError(
+            f"model type {model_type!r} has no default {role!r} targets (its {role} is not made of linear "
+            f"layers); set target_modules explicitly. Candidates: {candidate_names(model)}"
         )
     return DEFAULT_TARGETS[model_type][role]
 
